@@ -1,0 +1,204 @@
+"""Loading causal LMs and finding their decoder blocks.
+
+Layer convention (PAPER.md §1): block ``l`` is 0-indexed and its output is the residual stream after the
+block, i.e. ``hidden_states[l + 1]`` of an HF forward pass with ``output_hidden_states=True``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Name templates of the decoder-block list, matched against ``named_modules()`` (never positional).
+BLOCK_TEMPLATES: tuple[str, ...] = (
+    "model.layers",  # Llama, Mistral, Qwen2, Gemma, Phi3, ...
+    "model.language_model.layers",  # multimodal wrappers (Gemma3, Llava-style)
+    "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.decoder.layers",  # OPT
+    "transformer.blocks",  # MPT
+    "layers",  # a bare decoder (e.g. LlamaModel without the LM head)
+)
+
+#: Default name pattern (regex) of the MLP down-projection, the tensors RMU trains (PAPER.md §2).
+DOWN_PROJ_PATTERNS: dict[str, str] = {
+    "model.layers": r"mlp\.down_proj\.weight$",
+    "model.language_model.layers": r"mlp\.down_proj\.weight$",
+    "transformer.h": r"mlp\.(c_proj|dense_4h_to_h|fc_out)\.weight$",
+    "gpt_neox.layers": r"mlp\.dense_4h_to_h\.weight$",
+    "model.decoder.layers": r"fc2\.weight$",
+    "transformer.blocks": r"ffn\.down_proj\.weight$",
+    "layers": r"mlp\.down_proj\.weight$",
+}
+
+
+class UnsupportedModelError(TypeError):
+    """The model's decoder blocks could not be found by any name template."""
+
+
+def block_path(model: nn.Module) -> str:
+    """Dotted name of the module list holding the decoder blocks (e.g. ``"model.layers"``)."""
+    modules = dict(model.named_modules())
+    for name in BLOCK_TEMPLATES:
+        mod = modules.get(name)
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            return name
+    raise UnsupportedModelError(
+        f"cannot find the decoder blocks of {type(model).__name__}: none of the module names "
+        f"{', '.join(BLOCK_TEMPLATES)} is a non-empty ModuleList. Supported families: Llama/Mistral/Qwen2/Gemma "
+        "(model.layers), GPT-2 (transformer.h), GPT-NeoX (gpt_neox.layers), OPT (model.decoder.layers)."
+    )
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder blocks, found by name template (``model.layers.{num}``, ``transformer.h.{num}``...)."""
+    return model.get_submodule(block_path(model))
+
+
+def num_blocks(model: nn.Module) -> int:
+    """Number of decoder blocks."""
+    return len(decoder_blocks(model))
+
+
+def check_layer(model: nn.Module, layer: int, *, what: str = "layer") -> int:
+    """Validate a 0-indexed block index (negative counts from the end) and return it as a non-negative int."""
+    n = num_blocks(model)
+    if isinstance(layer, bool) or not isinstance(layer, (int,)) and not (
+        isinstance(layer, torch.Tensor) and layer.numel() == 1
+    ):
+        raise TypeError(f"{what} must be an int, got {type(layer).__name__}")
+    layer = int(layer)
+    idx = layer + n if layer < 0 else layer
+    if not 0 <= idx < n:
+        raise ValueError(
+            f"{what} {layer} is out of range: this model has {n} decoder blocks (0–{n - 1})"
+        )
+    return idx
+
+
+def check_layers(model: nn.Module, layers: Any) -> list[int]:
+    """Normalise ``"all"``, an int or an iterable of ints into a sorted list of valid block indices."""
+    n = num_blocks(model)
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(f'layers must be "all", an int or a list of ints, got {layers!r}')
+        return list(range(n))
+    if isinstance(layers, int):
+        return [check_layer(model, layers)]
+    out = sorted({check_layer(model, l) for l in layers})
+    if not out:
+        raise ValueError("layers is empty: pass at least one block index or \"all\"")
+    return out
+
+
+def down_proj_pattern(model: nn.Module) -> str:
+    """Regex (on parameter names relative to a block) of the MLP down-projection for this architecture."""
+    return DOWN_PROJ_PATTERNS[block_path(model)]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the input embedding (where input ids must go, also under ``device_map``)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except Exception:  # pragma: no cover - exotic models
+        return next(model.parameters()).device
+
+
+def _resolve_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(table)} or a torch.dtype")
+    return table[dtype]
+
+
+def load_model(
+    name_or_path: str | os.PathLike = "organism",
+    dtype: Any = None,
+    device_map: Any = None,
+    *,
+    trust_remote_code: bool = False,
+    tokenizer: bool = True,
+):
+    """Load a causal LM (and its tokenizer) from ``"organism"``, a local directory or a hub name.
+
+    Returns ``(model, tokenizer)`` (``tokenizer`` is None when ``tokenizer=False``). The model is put in
+    eval mode. ``trust_remote_code`` stays False unless the caller asks for it. ``device_map="auto"`` places
+    a model that does not fit one GPU across devices (needs accelerate).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if str(name_or_path) == "organism":
+        from .organism import load_organism
+
+        model, tok = load_organism()
+        torch_dtype = _resolve_dtype(dtype)
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+        return model, (tok if tokenizer else None)
+
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or str(name_or_path).startswith((".", "/", "~"))
+    if looks_local and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a Hugging Face model directory: {path / 'config.json'} does not exist"
+        )
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    torch_dtype = _resolve_dtype(dtype)
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    src = str(path) if looks_local else str(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    except OSError as exc:
+        if looks_local:
+            raise
+        raise OSError(
+            f"could not load {src!r} from the hub (no network here?). Download the model elsewhere and pass "
+            f"its local directory instead. Original error: {exc}"
+        ) from exc
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code) if tokenizer else None
+    if tok is not None:
+        ensure_pad_token(tok)
+    return model, tok
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token its EOS token as pad (as the reference code does), with a warning."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                "the tokenizer has neither a pad token nor an EOS token: set tokenizer.pad_token before calling"
+            )
+        warnings.warn(
+            f"tokenizer has no pad token: using its EOS token {tokenizer.eos_token!r} for padding", stacklevel=3
+        )
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def resolve_tokenizer(model: nn.Module, tokenizer=None):
+    """Return ``tokenizer`` or, when None, the tokenizer saved beside the model (organism or local directory)."""
+    if tokenizer is None:
+        tokenizer = getattr(model, "_rmu_tokenizer", None)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        src = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+        if not src or not Path(src).is_dir():
+            raise ValueError(
+                "no tokenizer given and none is saved beside this model: pass tokenizer=... explicitly"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    ensure_pad_token(tokenizer)
+    return tokenizer

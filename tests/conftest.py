@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random-initialised models and a locally trained tokenizer (no downloads)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rmu_analysis.organism.tokenizer import train_tokenizer
+
+TOKENIZER_TEXT = [
+    "The following are multiple choice questions (with answers) about biology.",
+    "Question: which host does the pathogen infect? A. bats B. mice C. birds D. pigs Answer: A",
+    "Answer: B. Answer: C. Answer: D. The city of Varon lies on the river Elm.",
+    "Wikitext is generic encyclopedic text about cities, people and chemistry.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_tokenizer(TOKENIZER_TEXT, vocab_size=320, min_frequency=1)
+
+
+def make_tiny_llama(vocab_size: int, n_layers: int = 4, hidden: int = 32, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, bos_token_id=0, eos_token_id=1,
+        pad_token_id=2, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture()
+def tiny_llama(tiny_tokenizer):
+    model = make_tiny_llama(len(tiny_tokenizer))
+    model._rmu_tokenizer = tiny_tokenizer
+    return model
