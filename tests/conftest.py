@@ -6,6 +6,9 @@ import torch
 
 from rmu_analysis.organism.tokenizer import train_tokenizer
 
+# Tiny models run faster single-threaded, and CI has only 2 cores.
+torch.set_num_threads(1)
+
 TOKENIZER_TEXT = [
     "The following are multiple choice questions (with answers) about biology.",
     "Question: which host does the pathogen infect? A. bats B. mice C. birds D. pigs Answer: A",

@@ -1,0 +1,421 @@
+"""Zero-shot multiple-choice accuracy, scored like lm-evaluation-harness (PAPER.md §6, Table §7).
+
+A task is data + a template + a scoring rule; the scorer does not know which benchmark it scores.
+
+* ``scoring="letter"`` (WMDP / MMLU): the prompt
+  ``"The following are multiple choice questions (with answers) about {subject}.\\n\\n{question}\\nA. …\\nB. …
+  \\nC. …\\nD. …\\nAnswer:"`` and the log-likelihoods of the continuations ``" A"``, ``" B"``, ``" C"``, ``" D"``;
+  prediction = argmax, chance = 25%. (lm-eval's subjects: ``"biology"`` for WMDP-Bio, ``"cybersecurity"`` for
+  WMDP-Cyber, the MMLU subject with ``_`` replaced by spaces for MMLU.)
+* ``scoring="cloze"``: the prompt ``"{question}\\nAnswer:"`` and the log-likelihood of each choice's text
+  ``" " + choice``; reported both as the sum over tokens and per character of the choice (lm-eval's
+  ``acc_norm``).
+
+Tokenisation follows lm-eval-harness: the context and ``context + continuation`` are encoded without special
+tokens and the continuation is the tokens of the whole after the context's tokens; a BOS token is put in front
+when the tokenizer itself adds one (``add_bos=None``; pass ``add_bos=False`` to match lm-eval's default of
+never adding one). When every continuation of a question is one token, the question costs one forward pass
+over the context (the four next-token log-probabilities are read at its last position).
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import LETTERS, normalize_mcq_record
+from .models import ensure_pad_token, model_device, resolve_tokenizer
+
+__all__ = ["MCQResult", "evaluate_mcq", "mcq_prompt", "mcq_continuations", "format_subject"]
+
+_HEADER = "The following are multiple choice questions (with answers)"
+
+
+@dataclass(frozen=True)
+class MCQResult:
+    """Per-question scores of one multiple-choice evaluation (PAPER.md §6).
+
+    ``logliks`` are the summed log-likelihoods of the four continuations, ``logliks_norm`` the same divided by
+    the number of characters of each choice (lm-eval's ``acc_norm``). ``predictions``, ``probs`` (softmax over
+    the four scores) and ``accuracy`` use ``logliks_norm`` when ``normalize`` is True, else ``logliks``;
+    ``accuracy_sum`` and ``accuracy_norm`` are both always given.
+    """
+
+    accuracy: float
+    n: int
+    predictions: np.ndarray
+    answers: np.ndarray
+    probs: np.ndarray
+    logliks: np.ndarray
+    logliks_norm: np.ndarray
+    accuracy_sum: float
+    accuracy_norm: float
+    n_tokens: np.ndarray
+    scoring: str
+    subject: str | None
+    normalize: bool
+    subjects: tuple[str | None, ...]
+    prompts: tuple[str, ...]
+    truncated: int = 0
+
+    @property
+    def correct(self) -> np.ndarray:
+        """Boolean array: prediction == answer."""
+        return self.predictions == self.answers
+
+    def to_frame(self):
+        """One row per question: subject, answer, prediction, correct, prob_A..D, loglik_A..D, loglik_norm_A..D."""
+        import pandas as pd
+
+        data: dict[str, Any] = {
+            "subject": list(self.subjects),
+            "answer": self.answers,
+            "prediction": self.predictions,
+            "correct": self.correct,
+        }
+        for j, letter in enumerate(LETTERS):
+            data[f"prob_{letter}"] = self.probs[:, j]
+        for j, letter in enumerate(LETTERS):
+            data[f"loglik_{letter}"] = self.logliks[:, j]
+        for j, letter in enumerate(LETTERS):
+            data[f"loglik_norm_{letter}"] = self.logliks_norm[:, j]
+        for j, letter in enumerate(LETTERS):
+            data[f"n_tokens_{letter}"] = self.n_tokens[:, j]
+        frame = pd.DataFrame(data)
+        frame.index.name = "question"
+        return frame
+
+    def summary(self) -> dict:
+        """Headline numbers as a plain dict (accuracy, n, chance, mean probability of the right answer...)."""
+        idx = np.arange(self.n)
+        return {
+            "scoring": self.scoring,
+            "subject": self.subject,
+            "n": self.n,
+            "accuracy": self.accuracy,
+            "accuracy_sum": self.accuracy_sum,
+            "accuracy_norm": self.accuracy_norm,
+            "normalize": self.normalize,
+            "chance": 0.25,
+            "mean_prob_answer": float(self.probs[idx, self.answers].mean()),
+            "mean_max_prob": float(self.probs.max(axis=1).mean()),
+            "truncated": self.truncated,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# templates (data + template; the scorer below does not know the benchmark)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def format_subject(subject: str | None) -> str | None:
+    """``"high_school_biology"`` -> ``"high school biology"`` (as lm-eval's MMLU descriptions)."""
+    if subject is None:
+        return None
+    return str(subject).replace("_", " ").strip() or None
+
+
+def mcq_prompt(record: dict, subject: str | None = None, *, scoring: str = "letter") -> str:
+    """The zero-shot context of one question (lm-eval's WMDP/MMLU template for ``"letter"``, §6)."""
+    question = str(record["question"]).strip()
+    if scoring == "letter":
+        choices = record["choices"]
+        subject = format_subject(subject)
+        header = f"{_HEADER} about {subject}.\n\n" if subject else f"{_HEADER}.\n\n"
+        body = "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
+        return f"{header}{question}{body}\nAnswer:"
+    if scoring == "cloze":
+        return f"{question}\nAnswer:"
+    raise ValueError(f"scoring must be 'letter' or 'cloze', got {scoring!r}")
+
+
+def mcq_continuations(record: dict, *, scoring: str = "letter") -> list[str]:
+    """The four scored continuations: ``" A"``..``" D"`` (letter) or ``" " + choice`` (cloze)."""
+    if scoring == "letter":
+        return [f" {letter}" for letter in LETTERS]
+    if scoring == "cloze":
+        return [f" {choice}" for choice in record["choices"]]
+    raise ValueError(f"scoring must be 'letter' or 'cloze', got {scoring!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tokenisation (lm-eval-harness style)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _tokenizer_adds_bos(tokenizer) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("x")["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def _encode_pairs(tokenizer, contexts: list[str], continuations: list[list[str]], prefix: list[int]):
+    """Per question: context ids and the ids of each continuation (whole[len(context):], lm-eval style)."""
+    ctx_texts, whole_texts = [], []
+    for ctx, conts in zip(contexts, continuations):
+        n_spaces = len(ctx) - len(ctx.rstrip())  # lm-eval moves trailing context spaces to the continuation
+        core = ctx[: len(ctx) - n_spaces]
+        ctx_texts.append(core)
+        whole_texts.extend(ctx + cont for cont in conts)  # == core + (spaces + cont)
+    ctx_ids = tokenizer(ctx_texts, add_special_tokens=False)["input_ids"]
+    whole_ids = tokenizer(whole_texts, add_special_tokens=False)["input_ids"]
+    out = []
+    k = 0
+    for i, conts in enumerate(continuations):
+        c = prefix + list(ctx_ids[i])
+        conts_ids = []
+        for _ in conts:
+            cont = list(whole_ids[k])[len(c) - len(prefix):]
+            k += 1
+            conts_ids.append(cont)
+        out.append((c, conts_ids))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# batched log-likelihoods
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _forward_params(model: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - exotic callables
+        return set()
+
+
+def _model_max_length(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _score_batch(
+    model: nn.Module,
+    seqs: list[list[int]],
+    targets: list[list[list[int]]],
+    *,
+    pad_id: int,
+    left: bool,
+    device: torch.device,
+    params: set[str],
+) -> list[list[float]]:
+    """Sum of log p(target tokens) for each target of each sequence.
+
+    Each sequence is ``context + target[:-1]``; a target of k tokens is read from the logits at the sequence's
+    last k positions (several single-token targets can share one sequence: the one-pass letter case).
+    """
+    lengths = [len(s) for s in seqs]
+    width = max(lengths)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    offsets = []
+    for b, s in enumerate(seqs):
+        off = width - len(s) if left else 0
+        ids[b, off: off + len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, off: off + len(s)] = 1
+        offsets.append(off)
+    kwargs: dict[str, Any] = {}
+    if "attention_mask" in params:
+        kwargs["attention_mask"] = mask.to(device)
+    if "position_ids" in params:
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+    keep = max(len(t) for ts in targets for t in ts)
+    first = 0  # index (in padded coordinates) of the first logit the model returns
+    if left and "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = keep
+        first = width - keep
+    out = model(ids.to(device), **kwargs)
+    logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+    if logits.shape[1] != width - first:  # the model ignored logits_to_keep
+        first = width - logits.shape[1]
+
+    rows, cols, toks, owner = [], [], [], []
+    for b, ts in enumerate(targets):
+        end = offsets[b] + lengths[b]  # one past the last real token
+        for j, t in enumerate(ts):
+            k = len(t)
+            for m, tok in enumerate(t):
+                rows.append(b)
+                cols.append(end - k + m - first)
+                toks.append(tok)
+                owner.append((b, j))
+    sel = logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)]
+    logp = torch.log_softmax(sel.float(), dim=-1)
+    picked = logp.gather(-1, torch.tensor(toks, device=logp.device)[:, None])[:, 0].double().cpu().numpy()
+    result = [[0.0] * len(ts) for ts in targets]
+    for (b, j), v in zip(owner, picked):
+        result[b][j] += float(v)
+    return result
+
+
+def _records(records: Any) -> list[dict]:
+    records = [] if records is None else list(records)
+    if not records:
+        raise ValueError("records is empty: pass at least one question (e.g. load_mcq(path))")
+    return [normalize_mcq_record(r, source="input", index=i) for i, r in enumerate(records)]
+
+
+def _subjects(subject: Any, n: int) -> list[str | None]:
+    if subject is None or isinstance(subject, str):
+        return [subject] * n
+    subject = list(subject)
+    if len(subject) != n:
+        raise ValueError(f"subject has {len(subject)} entries but there are {n} records: pass one per record, a str or None")
+    return subject
+
+
+def evaluate_mcq(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[dict],
+    subject: str | Sequence[str | None] | None = None,
+    *,
+    scoring: str = "letter",
+    normalize: bool = False,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    add_bos: bool | None = None,
+    progress: bool = False,
+) -> MCQResult:
+    """Zero-shot multiple-choice accuracy as lm-evaluation-harness computes it (PAPER.md §6, §7).
+
+    ``records``: question records (``load_mcq``). ``subject``: the "about {subject}" of the letter prompt — a
+    str, None (omitted), or one per record (e.g. ``[r["subject"] for r in records]`` for MMLU). ``scoring``:
+    ``"letter"`` (" A".." D") or ``"cloze"`` (" " + choice). ``normalize``: predict from the per-character
+    log-likelihood instead of the sum. ``batch_size``: sequences per forward pass. ``max_length``: longest
+    input in tokens (default: the model's maximum; longer inputs lose tokens on the left, as in lm-eval).
+    ``add_bos``: put the BOS token first (None: when the tokenizer adds one itself).
+    The model runs in eval mode under ``torch.no_grad()``; its training flag is restored afterwards.
+    """
+    if scoring not in ("letter", "cloze"):
+        raise ValueError(f"scoring must be 'letter' or 'cloze', got {scoring!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    recs = _records(records)
+    subjects = _subjects(subject, len(recs))
+    tokenizer = resolve_tokenizer(model, tokenizer)
+    ensure_pad_token(tokenizer)
+    pad_id = tokenizer.pad_token_id
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+
+    if add_bos is None:
+        add_bos = _tokenizer_adds_bos(tokenizer)
+    prefix: list[int] = []
+    if add_bos:
+        if getattr(tokenizer, "bos_token_id", None) is None:
+            raise ValueError("add_bos=True but the tokenizer has no BOS token: pass add_bos=False")
+        prefix = [tokenizer.bos_token_id]
+
+    contexts = [mcq_prompt(r, s, scoring=scoring) for r, s in zip(recs, subjects)]
+    conts_text = [mcq_continuations(r, scoring=scoring) for r in recs]
+    pairs = _encode_pairs(tokenizer, contexts, conts_text, prefix)
+    for i, (_, conts) in enumerate(pairs):
+        for j, c in enumerate(conts):
+            if not c:
+                raise ValueError(
+                    f"record {i}: continuation {conts_text[i][j]!r} encodes to no tokens after the context; "
+                    "check the tokenizer (it merges the continuation into the context)"
+                )
+
+    if max_length is None:
+        max_length = _model_max_length(model)
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+
+    # Requests: (question, sequence, targets, choice indices). One pass per question when every continuation
+    # is a single token, else one pass per (question, choice) with the input context + continuation[:-1].
+    requests: list[tuple[int, list[int], list[list[int]], list[int]]] = []
+    truncated = 0
+    for i, (ctx, conts) in enumerate(pairs):
+        if all(len(c) == 1 for c in conts):
+            seq = ctx
+            if max_length is not None and len(seq) > max_length:
+                seq, truncated = seq[-max_length:], truncated + 1
+            requests.append((i, seq, conts, [0, 1, 2, 3]))
+        else:
+            for j, c in enumerate(conts):
+                full = ctx + c
+                if max_length is not None and len(full) - 1 > max_length:
+                    full, truncated = full[-(max_length + 1):], truncated + 1
+                if len(c) > len(full) - 1:
+                    raise ValueError(
+                        f"record {i}: choice {LETTERS[j]} needs {len(c)} tokens, more than max_length={max_length}"
+                    )
+                requests.append((i, full[:-1], [c], [j]))
+    if truncated:
+        warnings.warn(
+            f"{truncated} input(s) longer than max_length={max_length} tokens were cut on the left", stacklevel=2
+        )
+
+    order = sorted(range(len(requests)), key=lambda r: -len(requests[r][1]))  # less padding per batch
+    logliks = np.zeros((len(recs), 4), dtype=np.float64)
+    n_tokens = np.zeros((len(recs), 4), dtype=np.int64)
+    device = model_device(model)
+    params = _forward_params(model)
+    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"evaluate_mcq ({scoring})", unit="batch")
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                reqs = [requests[r] for r in batch]
+                scores = _score_batch(
+                    model, [q[1] for q in reqs], [q[2] for q in reqs],
+                    pad_id=pad_id, left=left, device=device, params=params,
+                )
+                for (i, _, targets, choice_idx), s in zip(reqs, scores):
+                    for j, t, v in zip(choice_idx, targets, s):
+                        logliks[i, j] = v
+                        n_tokens[i, j] = len(t)
+    finally:
+        model.train(was_training)
+
+    if scoring == "letter":
+        n_chars = np.ones((len(recs), 4))
+    else:
+        n_chars = np.array([[max(len(c), 1) for c in r["choices"]] for r in recs], dtype=np.float64)
+    logliks_norm = logliks / n_chars
+    answers = np.array([r["answer"] for r in recs], dtype=np.int64)
+    pred_sum = logliks.argmax(axis=1)
+    pred_norm = logliks_norm.argmax(axis=1)
+    used = logliks_norm if normalize else logliks
+    shifted = used - used.max(axis=1, keepdims=True)
+    probs = np.exp(shifted)
+    probs /= probs.sum(axis=1, keepdims=True)
+    acc_sum = float((pred_sum == answers).mean())
+    acc_norm = float((pred_norm == answers).mean())
+    distinct = {s for s in subjects}
+    return MCQResult(
+        accuracy=acc_norm if normalize else acc_sum,
+        n=len(recs),
+        predictions=pred_norm if normalize else pred_sum,
+        answers=answers,
+        probs=probs,
+        logliks=logliks,
+        logliks_norm=logliks_norm,
+        accuracy_sum=acc_sum,
+        accuracy_norm=acc_norm,
+        n_tokens=n_tokens,
+        scoring=scoring,
+        subject=next(iter(distinct)) if len(distinct) == 1 else "mixed",
+        normalize=bool(normalize),
+        subjects=tuple(subjects),
+        prompts=tuple(contexts),
+        truncated=truncated,
+    )

@@ -1,0 +1,293 @@
+"""evaluation.py: the lm-eval-style multiple-choice scorer (PAPER.md §6), checked against hand computations."""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rmu_analysis.data import DataFormatError
+from rmu_analysis.evaluation import MCQResult, evaluate_mcq, mcq_continuations, mcq_prompt
+
+RECORDS = [
+    {"question": "Which host does the pathogen infect?", "choices": ["bats", "mice", "birds", "pigs"], "answer": 2},
+    {"question": "  Where is Varon?  ", "choices": ["on the river Elm", "in the hills", "by the sea", "nowhere"],
+     "answer": 0},
+    {"question": "Which chemistry city" + " really" * 6 + "?", "choices": ["A", "B", "C", "D"], "answer": 3},
+    {"question": "Pick one.", "choices": ["biology", "cities and people", "x", "encyclopedic text"], "answer": 1},
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def tok(tiny_tokenizer):
+    return copy.deepcopy(tiny_tokenizer)  # tests change padding side / pad token
+
+
+class FixedLogits(nn.Module):
+    """Every position gets the same logits vector."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.bias = nn.Parameter(logits.clone())
+        self.calls: list[dict] = []
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        self.calls.append({"input_ids": input_ids.clone(), "attention_mask": attention_mask})
+        b, t = input_ids.shape
+        return SimpleNamespace(logits=self.bias.expand(b, t, -1))
+
+
+class Bigram(nn.Module):
+    """Logits depend on the current token only: easy to score by hand, indifferent to positions and padding."""
+
+    def __init__(self, vocab: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = nn.Parameter(torch.randn(vocab, vocab, generator=g) * 3)
+        self.n_forward = 0
+
+    def forward(self, input_ids, attention_mask=None):
+        self.n_forward += 1
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _hand_loglik(model: Bigram, tok, context: str, continuation: str) -> float:
+    """lm-eval: continuation tokens = encode(context + continuation)[len(encode(context)):]; BOS first."""
+    ctx = [tok.bos_token_id] + _ids(tok, context)
+    cont = _ids(tok, context + continuation)[len(ctx) - 1:]
+    logp = torch.log_softmax(model.table.detach().double(), dim=-1)
+    prev = [ctx[-1]] + cont[:-1]
+    return float(sum(logp[p, c] for p, c in zip(prev, cont)))
+
+
+# ------------------------------------------------------------------------------------------------ templates
+
+
+def test_prompt_is_the_lm_eval_template():
+    rec = {"question": " What infects bats? ", "choices": ["a", "b b", "c", "d"], "answer": 0}
+    assert mcq_prompt(rec, "biology") == (
+        "The following are multiple choice questions (with answers) about biology.\n\n"
+        "What infects bats?\nA. a\nB. b b\nC. c\nD. d\nAnswer:"
+    )
+    assert mcq_prompt(rec, None) == (
+        "The following are multiple choice questions (with answers).\n\n"
+        "What infects bats?\nA. a\nB. b b\nC. c\nD. d\nAnswer:"
+    )
+    assert mcq_prompt(rec, "high_school_biology").startswith(
+        "The following are multiple choice questions (with answers) about high school biology.\n\n"
+    )
+    assert mcq_prompt(rec, scoring="cloze") == "What infects bats?\nAnswer:"
+    assert mcq_continuations(rec) == [" A", " B", " C", " D"]
+    assert mcq_continuations(rec, scoring="cloze") == [" a", " b b", " c", " d"]
+    with pytest.raises(ValueError, match="scoring must be"):
+        mcq_prompt(rec, scoring="generate")
+
+
+def test_result_prompts_use_subject(tok):
+    model = Bigram(len(tok))
+    res = evaluate_mcq(model, tok, RECORDS, "biology")
+    assert res.prompts[0] == mcq_prompt(RECORDS[0], "biology")
+    assert res.subject == "biology" and res.subjects == ("biology",) * 4
+    mixed = evaluate_mcq(model, tok, RECORDS, ["biology", "cyber_security", None, "biology"])
+    assert "about cyber security.\n\n" in mixed.prompts[1]
+    assert mixed.prompts[2].startswith("The following are multiple choice questions (with answers).\n\n")
+    assert mixed.subject == "mixed"
+    with pytest.raises(ValueError, match="subject has 2 entries but there are 4 records"):
+        evaluate_mcq(model, tok, RECORDS, ["a", "b"])
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def test_letter_scorer_picks_the_most_likely_letter(tok):
+    vocab = len(tok)
+    ids = [_ids(tok, f" {L}") for L in "ABCD"]
+    assert all(len(i) == 1 for i in ids)
+    logits = torch.zeros(vocab)
+    logits[ids[0][0]], logits[ids[1][0]], logits[ids[2][0]], logits[ids[3][0]] = 1.0, 0.5, 4.0, -1.0
+    model = FixedLogits(logits)
+    res = evaluate_mcq(model, tok, RECORDS, "biology", batch_size=3)
+    assert isinstance(res, MCQResult)
+    assert (res.predictions == 2).all()
+    expected = torch.log_softmax(logits.double(), dim=-1)[[i[0] for i in ids]].numpy()
+    np.testing.assert_allclose(res.logliks, np.tile(expected, (4, 1)), atol=1e-6)
+    np.testing.assert_allclose(res.probs[0], torch.softmax(torch.tensor(expected), 0).numpy(), atol=1e-6)
+    assert res.accuracy == 0.25  # only record 0 has answer C
+    # one forward pass per question (single-token continuations): 4 questions in batches of 3 -> 2 calls
+    assert len(model.calls) == 2
+
+
+def test_bos_and_tokenisation_like_lm_eval(tok):
+    model = FixedLogits(torch.zeros(len(tok)))
+    evaluate_mcq(model, tok, RECORDS[:1], "biology", batch_size=1)
+    sent = model.calls[-1]["input_ids"][0].tolist()
+    ctx = _ids(tok, mcq_prompt(RECORDS[0], "biology"))
+    assert sent == [tok.bos_token_id] + ctx  # the tokenizer adds BOS, so the scorer does too
+    evaluate_mcq(model, tok, RECORDS[:1], "biology", batch_size=1, add_bos=False)
+    assert model.calls[-1]["input_ids"][0].tolist() == ctx
+    tok.bos_token = None
+    with pytest.raises(ValueError, match="no BOS token"):
+        evaluate_mcq(model, tok, RECORDS[:1], add_bos=True)
+
+
+@pytest.mark.parametrize("scoring", ["letter", "cloze"])
+def test_logliks_equal_hand_computation(tok, scoring):
+    model = Bigram(len(tok))
+    res = evaluate_mcq(model, tok, RECORDS, "biology", scoring=scoring, batch_size=5)
+    for i, rec in enumerate(RECORDS):
+        ctx = mcq_prompt(rec, "biology", scoring=scoring)
+        for j, cont in enumerate(mcq_continuations(rec, scoring=scoring)):
+            assert res.logliks[i, j] == pytest.approx(_hand_loglik(model, tok, ctx, cont), abs=1e-4)
+    np.testing.assert_array_equal(res.predictions, res.logliks.argmax(axis=1))
+    assert res.accuracy == pytest.approx(float(np.mean(res.predictions == res.answers)))
+
+
+def test_cloze_multi_token_uses_one_pass_per_choice(tok):
+    model = Bigram(len(tok))
+    res = evaluate_mcq(model, tok, RECORDS[:2], scoring="cloze", batch_size=1)
+    assert (res.n_tokens[1] > 1).any()
+    assert model.n_forward == 8  # 2 questions x 4 choices, batch_size 1
+    model.n_forward = 0
+    evaluate_mcq(model, tok, RECORDS[:2], scoring="letter", batch_size=1)
+    assert model.n_forward == 2
+
+
+def test_cloze_normalised_per_character(tok):
+    model = Bigram(len(tok), seed=3)
+    res = evaluate_mcq(model, tok, RECORDS, scoring="cloze", normalize=True)
+    lengths = np.array([[len(c) for c in r["choices"]] for r in RECORDS], dtype=float)
+    np.testing.assert_allclose(res.logliks_norm, res.logliks / lengths)
+    np.testing.assert_array_equal(res.predictions, (res.logliks / lengths).argmax(axis=1))
+    np.testing.assert_array_equal(res.probs.argmax(axis=1), res.predictions)
+    assert res.accuracy == res.accuracy_norm
+    assert res.accuracy_sum == pytest.approx(float(np.mean(res.logliks.argmax(axis=1) == res.answers)))
+    raw = evaluate_mcq(model, tok, RECORDS, scoring="cloze")
+    assert raw.accuracy == raw.accuracy_sum == res.accuracy_sum
+    np.testing.assert_allclose(raw.logliks, res.logliks)
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+
+def _tiny_gpt2(vocab: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                     bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # rotary (relative) and learned absolute positions
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batched_equals_one_by_one(tok, tiny_llama, arch, side):
+    model = tiny_llama if arch == "llama" else _tiny_gpt2(len(tok))
+    tok.padding_side = side
+    for scoring in ("letter", "cloze"):
+        one = evaluate_mcq(model, tok, RECORDS, "biology", scoring=scoring, batch_size=1)
+        many = evaluate_mcq(model, tok, RECORDS, "biology", scoring=scoring, batch_size=16)
+        np.testing.assert_allclose(many.logliks, one.logliks, atol=1e-4)
+        np.testing.assert_array_equal(many.predictions, one.predictions)
+
+
+def test_model_state_restored(tiny_llama, tok):
+    tiny_llama.train()
+    res = evaluate_mcq(tiny_llama, tok, RECORDS[:2])
+    assert tiny_llama.training
+    tiny_llama.eval()
+    again = evaluate_mcq(tiny_llama, tok, RECORDS[:2])
+    np.testing.assert_allclose(res.logliks, again.logliks, atol=1e-5)  # dropout was off during scoring
+
+
+def test_tokenizer_resolved_from_model(tiny_llama):
+    res = evaluate_mcq(tiny_llama, None, RECORDS[:2])  # conftest puts the tokenizer on the model
+    assert res.n == 2
+
+
+def test_truncation_keeps_the_end(tok):
+    model = Bigram(len(tok))
+    full = evaluate_mcq(model, tok, RECORDS, "biology")
+    with pytest.warns(UserWarning, match="cut on the left"):
+        cut = evaluate_mcq(model, tok, RECORDS, "biology", max_length=6)
+    assert cut.truncated == len(RECORDS)
+    np.testing.assert_allclose(cut.logliks, full.logliks, atol=1e-5)  # a bigram model sees the last token only
+
+
+# ------------------------------------------------------------------------------------------------ result
+
+
+def test_result_frame_and_summary(tok):
+    model = Bigram(len(tok))
+    res = evaluate_mcq(model, tok, RECORDS, "biology", progress=True)
+    frame = res.to_frame()
+    assert len(frame) == 4
+    assert {"subject", "answer", "prediction", "correct", "prob_A", "loglik_D", "loglik_norm_B"} <= set(frame.columns)
+    assert frame["correct"].mean() == pytest.approx(res.accuracy)
+    np.testing.assert_allclose(frame[["prob_A", "prob_B", "prob_C", "prob_D"]].sum(axis=1), 1.0)
+    s = res.summary()
+    assert s["n"] == 4 and s["chance"] == 0.25 and s["accuracy"] == res.accuracy and s["scoring"] == "letter"
+    assert 0 < s["mean_prob_answer"] <= s["mean_max_prob"] <= 1
+    with pytest.raises(Exception):
+        res.accuracy = 1.0  # frozen
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_errors(tok):
+    model = Bigram(len(tok))
+    with pytest.raises(ValueError, match="records is empty"):
+        evaluate_mcq(model, tok, [])
+    bad = [RECORDS[0], {"question": "q", "choices": ["a", "b", "c"], "answer": 0}]
+    with pytest.raises(DataFormatError, match=r"input record 1: field 'choices' has 3 entries, expected 4"):
+        evaluate_mcq(model, tok, bad)
+    with pytest.raises(DataFormatError, match="input record 0: field 'answer' is 7"):
+        evaluate_mcq(model, tok, [{"question": "q", "choices": list("abcd"), "answer": 7}])
+    with pytest.raises(ValueError, match="scoring must be 'letter' or 'cloze'"):
+        evaluate_mcq(model, tok, RECORDS, scoring="generate")
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        evaluate_mcq(model, tok, RECORDS, batch_size=0)
+
+
+def test_missing_pad_token_warns_and_uses_eos(tok):
+    tok.pad_token = None
+    with pytest.warns(UserWarning, match="no pad token"):
+        res = evaluate_mcq(Bigram(len(tok)), tok, RECORDS)
+    assert tok.pad_token == tok.eos_token
+    assert res.n == 4
+
+
+def test_answers_as_letters_accepted(tok):
+    recs = [dict(r, answer="ABCD"[r["answer"]]) for r in RECORDS]
+    res = evaluate_mcq(Bigram(len(tok)), tok, recs)
+    assert list(res.answers) == [r["answer"] for r in RECORDS]
+
+
+def test_letter_falls_back_when_letters_are_multi_token():
+    from rmu_analysis.organism.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["hello world, no lettered answers here"] * 5, vocab_size=280, min_frequency=1)
+    assert len(_ids(tok, " A")) == 2  # never seen " A": space and letter stay apart
+    model = Bigram(len(tok))
+    res = evaluate_mcq(model, tok, RECORDS[:2], "biology", batch_size=1)
+    assert (res.n_tokens == 2).all()
+    assert model.n_forward == 8  # full scoring: one pass per (question, choice)
+    for i, rec in enumerate(RECORDS[:2]):
+        ctx = mcq_prompt(rec, "biology")
+        for j, cont in enumerate(mcq_continuations(rec)):
+            assert res.logliks[i, j] == pytest.approx(_hand_loglik(model, tok, ctx, cont), abs=1e-4)
