@@ -1,0 +1,322 @@
+"""Pieces shared by the reference implementation, the engine and the baselines.
+
+Data (topics, batches, tokenisation as the reference does it), the selection of trained tensors, the control
+vectors, the two loss conventions and the per-step log row. Nothing here runs a model.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import block_path, check_layer, decoder_blocks, down_proj_pattern, num_blocks
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stopped before applying that step's update."""
+
+
+# --------------------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class Corpora:
+    """Forget texts per topic and the retain texts paired with each topic (same order)."""
+
+    topics: tuple[str, ...]
+    forget: tuple[tuple[str, ...], ...]
+    retain: tuple[tuple[str, ...], ...]
+
+
+def prepare_corpora(forget: Any, retain: Any) -> Corpora:
+    """Normalise the data interface.
+
+    ``forget``: a dict topic -> list of texts, a list of lists (topics ``topic0``, ``topic1`` ...) or one list
+    of texts (a single topic ``forget``). ``retain``: one list of texts used with every topic (the reference
+    uses the same wikitext for bio and cyber), or one list per topic (a dict with the forget topics as keys,
+    or a list of lists).
+    """
+    if isinstance(forget, Mapping):
+        topics = tuple(str(t) for t in forget)
+        forget_lists = [forget[t] for t in forget]
+    elif _is_text_list(forget):
+        topics, forget_lists = ("forget",), [forget]
+    elif isinstance(forget, Sequence) and not isinstance(forget, str) and all(_is_text_list(f) for f in forget):
+        forget_lists = list(forget)
+        topics = tuple(f"topic{i}" for i in range(len(forget_lists)))
+    else:
+        raise TypeError(
+            "forget must be a dict topic -> list of texts, a list of lists of texts, or a list of texts; "
+            f"got {type(forget).__name__}"
+        )
+    if not topics:
+        raise ValueError("forget has no topics: pass at least one non-empty list of forget texts")
+    for topic, texts in zip(topics, forget_lists):
+        if len(texts) == 0:
+            raise ValueError(f"the forget corpus of topic {topic!r} is empty: pass at least one text")
+
+    if isinstance(retain, Mapping):
+        missing = [t for t in topics if t not in retain]
+        extra = [str(t) for t in retain if t not in topics]
+        if missing or extra:
+            raise ValueError(
+                f"retain topics {list(map(str, retain))} do not match the forget topics {list(topics)} "
+                f"(missing {missing}, unexpected {extra}): pass one retain list per forget topic, or one list for all"
+            )
+        retain_lists = [retain[t] for t in topics]
+    elif _is_text_list(retain):
+        retain_lists = [retain] * len(topics)
+    elif isinstance(retain, Sequence) and not isinstance(retain, str) and all(_is_text_list(r) for r in retain):
+        if len(retain) != len(topics):
+            raise ValueError(
+                f"retain has {len(retain)} lists but forget has {len(topics)} topics {list(topics)}: "
+                "pass one retain list per forget topic, or a single list for all"
+            )
+        retain_lists = list(retain)
+    else:
+        raise TypeError(f"retain must be a list of texts, a list of lists or a dict; got {type(retain).__name__}")
+    for topic, texts in zip(topics, retain_lists):
+        if len(texts) == 0:
+            raise ValueError(f"the retain corpus paired with topic {topic!r} is empty: pass at least one text")
+    return Corpora(
+        topics=topics,
+        forget=tuple(tuple(str(t) for t in f) for f in forget_lists),
+        retain=tuple(tuple(str(t) for t in r) for r in retain_lists),
+    )
+
+
+def _is_text_list(obj: Any) -> bool:
+    return isinstance(obj, Sequence) and not isinstance(obj, str) and all(isinstance(t, str) for t in obj) and (
+        len(obj) == 0 or isinstance(obj[0], str)
+    )
+
+
+def step_batch(step: int, n_topics: int) -> tuple[int, int]:
+    """(topic index, batch index) of a step: topics alternate as in the reference."""
+    return step % n_topics, step // n_topics
+
+
+def batch_texts(texts: Sequence[str], batch: int, batch_size: int) -> list[str]:
+    """Batch ``batch`` of ``texts`` (consecutive chunks of ``batch_size``; the last one may be shorter)."""
+    return list(texts[batch * batch_size : (batch + 1) * batch_size])
+
+
+def runnable_steps(corpora: Corpora, steps: int, batch_size: int) -> int:
+    """Steps until the first step whose forget or retain batch does not exist (warns when < ``steps``)."""
+    n = len(corpora.topics)
+    for step in range(steps):
+        topic, batch = step_batch(step, n)
+        if batch * batch_size >= min(len(corpora.forget[topic]), len(corpora.retain[topic])):
+            warnings.warn(
+                f"the data run out at step {step} (topic {corpora.topics[topic]!r} has no batch {batch} of "
+                f"{batch_size} texts): running {step} of {steps} steps",
+                stacklevel=3,
+            )
+            return step
+    return steps
+
+
+@contextlib.contextmanager
+def reference_padding(tokenizer) -> Iterator[Any]:
+    """Left padding, right truncation and (if missing) EOS as pad, as the reference; restored on exit."""
+    saved = (tokenizer.padding_side, tokenizer.truncation_side, tokenizer.pad_token)
+    try:
+        tokenizer.padding_side = "left"
+        tokenizer.truncation_side = "right"
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError("the tokenizer has neither a pad token nor an EOS token: set tokenizer.pad_token")
+            tokenizer.pad_token = tokenizer.eos_token
+        yield tokenizer
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = saved[0], saved[1]
+        if saved[2] is None:
+            tokenizer.pad_token = None
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Tokenise one batch (call inside ``reference_padding``): input ids and attention mask on ``device``."""
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+
+# ------------------------------------------------------------------------------------ what to train
+@dataclass(frozen=True)
+class TrainedTensor:
+    """One trained tensor: its block, its name relative to the block and in the model."""
+
+    block: int
+    name: str  # relative to the block, e.g. "mlp.down_proj.weight"
+    full_name: str  # in model.named_parameters(), e.g. "model.layers.5.mlp.down_proj.weight"
+
+
+def select_trained(model: nn.Module, layers: Sequence[int], pattern: str | None) -> list[TrainedTensor]:
+    """Parameters of blocks ``layers`` whose block-relative name matches ``pattern`` (regex, ``re.search``).
+
+    ``pattern`` None means the architecture's MLP down-projection (``models.down_proj_pattern``).
+    """
+    pattern = pattern if pattern is not None else down_proj_pattern(model)
+    regex = re.compile(pattern)
+    blocks = decoder_blocks(model)
+    prefix = block_path(model)
+    out = []
+    for i in layers:
+        for name, _ in blocks[i].named_parameters():
+            if regex.search(name):
+                out.append(TrainedTensor(i, name, f"{prefix}.{i}.{name}"))
+    if not out:
+        names = sorted({n for n, _ in blocks[layers[0]].named_parameters()})
+        raise ValueError(
+            f"param_pattern {pattern!r} matches no parameter of blocks {list(layers)}; "
+            f"block parameter names look like: {', '.join(names[:8])}"
+        )
+    return out
+
+
+def mlp_tensors(model: nn.Module) -> list[TrainedTensor]:
+    """Every MLP parameter of every block (for the baselines' ``params="mlp"``)."""
+    pattern = r"(^|\.)(mlp|ffn|feed_forward)\.|^fc[12]\."
+    return select_trained(model, list(range(num_blocks(model))), pattern)
+
+
+def resolve_layers(model: nn.Module, config) -> tuple[int, tuple[int, ...]]:
+    """Validate block l and the trained blocks against the model (clear errors before training)."""
+    layer = check_layer(model, config.layer)
+    if config.layer < 0:
+        raise ValueError(f"layer must be a non-negative block index, got {config.layer}")
+    trained = config.resolved_trained_layers()
+    for t in trained:
+        check_layer(model, t, what="trained layer")
+        if t < 0:
+            raise ValueError(f"trained_layers must be non-negative block indices, got {trained}")
+    return layer, trained
+
+
+# ---------------------------------------------------------------------------------- control vectors
+def hidden_size(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+    size = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    return int(size) if size else int(model.get_input_embeddings().weight.shape[1])
+
+
+def draw_control_vectors(n: int, dim: int, seed: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """The reference construction (§2, §6): per topic ``torch.rand(1, 1, d)`` in the model dtype from a
+    generator seeded with ``seed``, divided by its norm. Returns unit vectors of shape (d,)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for _ in range(n):
+        v = torch.rand(1, 1, dim, dtype=dtype, device=device, generator=gen)
+        out.append((v / torch.norm(v)).reshape(dim))
+    return out
+
+
+def prepare_control_vectors(
+    given: Any, topics: tuple[str, ...], dim: int, seed: int, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """Drawn vectors, or the caller's (a dict topic -> vector or a sequence, one per topic), used as given."""
+    if given is None:
+        return draw_control_vectors(len(topics), dim, seed, dtype, device)
+    if isinstance(given, Mapping):
+        missing = [t for t in topics if t not in given]
+        if missing:
+            raise ValueError(f"control_vectors has no vector for topics {missing}: give one per topic {list(topics)}")
+        vectors = [given[t] for t in topics]
+    else:
+        vectors = list(given) if not isinstance(given, torch.Tensor) or given.dim() > 1 else [given]
+        if len(vectors) != len(topics):
+            raise ValueError(
+                f"{len(vectors)} control vectors for {len(topics)} topics {list(topics)}: give one per topic"
+            )
+    out = []
+    for topic, v in zip(topics, vectors):
+        v = torch.as_tensor(v).detach().reshape(-1)
+        if v.numel() != dim:
+            raise ValueError(f"the control vector of topic {topic!r} has {v.numel()} entries; the model's width is {dim}")
+        if not torch.isfinite(v).all() or float(v.float().norm()) == 0.0:
+            raise ValueError(f"the control vector of topic {topic!r} is zero or not finite")
+        if abs(float(v.float().norm()) - 1.0) > 1e-2:
+            warnings.warn(
+                f"the control vector of topic {topic!r} has norm {float(v.float().norm()):.3g}, not 1: it is used "
+                "as given (the target is coefficient × vector)",
+                stacklevel=3,
+            )
+        out.append(v.to(device=device, dtype=dtype).clone())
+    return out
+
+
+# ---------------------------------------------------------------------------------------- the losses
+def loss_masks(inputs: dict[str, torch.Tensor], convention: str, bos_token_id: int | None):
+    """Positions each loss covers: ``(forget_mask, retain_mask)``, or ``(None, None)`` for every position.
+
+    "reference": every position (padding and BOS included). "masked": real tokens; the forget mask also
+    drops a leading BOS (the attention-sink state is shared by every input and stays in the retain term).
+    """
+    if convention == "reference":
+        return None, None
+    mask = inputs["attention_mask"].bool()
+    first_real = mask & (mask.long().cumsum(dim=1) == 1)
+    is_bos = first_real & (inputs["input_ids"] == bos_token_id) if bos_token_id is not None else torch.zeros_like(mask)
+    forget_mask = mask & ~is_bos
+    return forget_mask, mask
+
+
+def mse(acts: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over batch, positions and width; over ``mask``ed positions only when given."""
+    target = target.expand_as(acts)
+    if mask is None:
+        return F.mse_loss(acts, target)
+    m = mask.to(acts.dtype).unsqueeze(-1)
+    return ((acts - target) ** 2 * m).sum() / (m.sum().clamp_min(1) * acts.shape[-1])
+
+
+def token_norm_mean(acts: torch.Tensor, mask: torch.Tensor | None, *, per_sample: bool = False) -> torch.Tensor:
+    """Mean per-token L2 norm of ``acts`` (over ``mask`` when given): a scalar, or one value per sequence."""
+    norms = acts.detach().float().norm(dim=-1)  # [B, T]
+    if mask is None:
+        return norms.mean(dim=1) if per_sample else norms.mean(dim=1).mean(dim=0)
+    m = mask.float()
+    per_seq = (norms * m).sum(dim=1) / m.sum(dim=1).clamp_min(1)
+    return per_seq if per_sample else (norms * m).sum() / m.sum().clamp_min(1)
+
+
+def mean_cosine(acts: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """Mean cos(h, u) over the covered positions (the alignment of Fig. 2e–h)."""
+    cos = F.cosine_similarity(acts.detach().float(), u.float().reshape(1, 1, -1), dim=-1)
+    if mask is None:
+        return float(cos.mean())
+    m = mask.float()
+    return float((cos * m).sum() / m.sum().clamp_min(1))
+
+
+def check_finite(loss: float, step: int, topic: str, parts: dict[str, float]) -> None:
+    """Raise ``NonFiniteLossError`` naming the step when the loss is NaN or infinite."""
+    if not math.isfinite(loss):
+        detail = ", ".join(f"{k} = {v:.4g}" for k, v in parts.items())
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} (topic {topic!r}): {detail}. The update of this step was not "
+            "applied; lower the learning rate or the coefficient (c / β), or train in float32"
+        )
+
+
+def log_row(
+    step: int, topic: str, forget_loss: float, retain_loss: float, alpha: float, coefficient: float,
+    h_forget: torch.Tensor, h_retain: torch.Tensor, u: torch.Tensor, forget_mask, retain_mask,
+) -> dict[str, Any]:
+    """One log entry (Fig. 4 quantities): losses, coefficient, block-l norms, cos(h_forget, u)."""
+    return {
+        "step": step,
+        "topic": topic,
+        "forget_loss": forget_loss,
+        "retain_loss": retain_loss,
+        "loss": forget_loss + alpha * retain_loss,
+        "coefficient": coefficient,
+        "forget_norm": float(token_norm_mean(h_forget, forget_mask)),
+        "retain_norm": float(token_norm_mean(h_retain, retain_mask)),
+        "cos_forget_u": mean_cosine(h_forget, u, forget_mask),
+    }

@@ -1,0 +1,222 @@
+"""Configurations of the unlearning methods, with the paper's defaults (PAPER.md §2, §5, §6).
+
+Every config is a frozen dataclass: the CLI, the notebooks and the tests build the same objects, and a saved
+run records the exact object it used (``rmu_config.json``). Per-topic settings (c, β, α, forget max length)
+are a scalar applying to every topic or a tuple with one value per forget topic, in the order of the
+``forget`` mapping; a tuple whose length differs from the topic count is an error before training.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+PerTopic = Union[float, tuple[float, ...]]
+PerTopicInt = Union[int, tuple[int, ...]]
+
+LOSS_CONVENTIONS = ("reference", "masked")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class _UnlearnConfig:
+    """Settings shared by every method: where to train, what to train, how to batch, how to optimise.
+
+    - ``layer``: block l (0-indexed; its output is ``hidden_states[l + 1]``).
+    - ``trained_layers``: blocks whose tensors are trained; None = (l-2, l-1, l) clipped at 0.
+    - ``param_pattern``: regex on block-relative parameter names; None = the MLP down-projection of the
+      architecture (``models.down_proj_pattern``), e.g. ``mlp\\.down_proj\\.weight$`` for Llama.
+    - ``forget_max_length``: per-topic right-truncation length of forget texts; None = the reference rule
+      (512 for the first topic, 768 for the others: bio 512, cyber 768).
+    - ``steps``: optimiser steps; topics alternate (topic = step % n_topics, batch = step // n_topics).
+      A corpus that runs out of batches ends the run early, with a warning (the reference stops too).
+    - ``adam_eps`` / ``weight_decay``: the old ``transformers.AdamW`` defaults the reference used (1e-6, 0).
+    """
+
+    layer: int = 7
+    trained_layers: tuple[int, ...] | None = None
+    param_pattern: str | None = None
+    lr: float = 5e-5
+    steps: int = 500
+    batch_size: int = 4
+    forget_max_length: PerTopicInt | None = None
+    retain_max_length: int = 512
+    seed: int = 42
+    adam_eps: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if isinstance(self.trained_layers, list):
+            object.__setattr__(self, "trained_layers", tuple(self.trained_layers))
+        for name in ("alpha", "steering_coeff", "beta", "forget_max_length"):
+            value = getattr(self, name, None)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.betas, list):
+            object.__setattr__(self, "betas", tuple(self.betas))
+        _check(isinstance(self.layer, int) and not isinstance(self.layer, bool), f"layer must be an int, got {self.layer!r}")
+        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        _check(self.retain_max_length >= 1, f"retain_max_length must be >= 1, got {self.retain_max_length}")
+        if self.trained_layers is not None:
+            _check(len(self.trained_layers) > 0, "trained_layers is empty: pass None for (l-2, l-1, l)")
+            _check(
+                all(t <= self.layer for t in self.trained_layers),
+                f"trained_layers {self.trained_layers} include a block after layer {self.layer}: "
+                "blocks after l do not influence the loss at block l",
+            )
+
+    @property
+    def method(self) -> str:
+        return METHOD_NAMES[type(self)]
+
+    def resolved_trained_layers(self) -> tuple[int, ...]:
+        """``trained_layers`` or the default (l-2, l-1, l) clipped at 0 (PAPER.md §2)."""
+        if self.trained_layers is not None:
+            return tuple(sorted(set(self.trained_layers)))
+        return tuple(range(max(0, self.layer - 2), self.layer + 1))
+
+    def per_topic(self, name: str, n_topics: int, topics: tuple[str, ...] | None = None) -> tuple:
+        """The value of per-topic setting ``name`` for each of ``n_topics`` topics (a clear error on mismatch)."""
+        value = getattr(self, name)
+        if name == "forget_max_length" and value is None:
+            return tuple(512 if i == 0 else 768 for i in range(n_topics))
+        if isinstance(value, tuple):
+            if len(value) != n_topics:
+                shown = f" ({', '.join(topics)})" if topics else ""
+                raise ValueError(
+                    f"{name} has {len(value)} values {value} but there are {n_topics} forget topics{shown}: "
+                    "give one value per topic or a single scalar for all"
+                )
+            return value
+        return (value,) * n_topics
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, with the method name."""
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class _SteeringConfig(_UnlearnConfig):
+    """Shared by RMU and Adaptive RMU: retain weight α and the loss convention.
+
+    ``loss="reference"``: mean over every position, padding and BOS included (as the reference code:
+    ``mse_loss(acts, target)``). ``loss="masked"``: padding excluded from both terms, BOS excluded from the
+    forget term but kept in the retain term (dropping BOS from the retain term lets the attention-sink state
+    drift and doubles the LM loss on generic text).
+    """
+
+    alpha: PerTopic = 1200.0
+    loss: Literal["reference", "masked"] = "reference"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.loss in LOSS_CONVENTIONS, f"loss must be one of {LOSS_CONVENTIONS}, got {self.loss!r}")
+
+
+@dataclass(frozen=True)
+class RMUConfig(_SteeringConfig):
+    """RMU (Eq. 1): ||h_upd(x_F) − c·u||² + α ||h_upd(x_R) − h_frozen(x_R)||², c = ``steering_coeff``."""
+
+    steering_coeff: PerTopic = 6.5
+
+
+@dataclass(frozen=True)
+class AdaptiveRMUConfig(_SteeringConfig):
+    """Adaptive RMU (Eq. 24): the coefficient is β × a forget-representation norm.
+
+    ``coefficient="first-batch"`` (the official code): β × the mean per-token norm of the *updated* model's
+    block-l activations on the topic's first forget batch (step t for topic t), then fixed.
+    ``coefficient="per-sample"`` (Eq. 24 read literally): β × the mean per-token norm of the *frozen*
+    model's activations, per forget sequence, at every step. Norms are averaged over the positions the
+    forget loss covers (every position in the reference convention; real non-BOS tokens when masked).
+    """
+
+    beta: PerTopic = 5.0
+    coefficient: Literal["first-batch", "per-sample"] = "first-batch"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            self.coefficient in ("first-batch", "per-sample"),
+            f'coefficient must be "first-batch" or "per-sample", got {self.coefficient!r}',
+        )
+
+
+@dataclass(frozen=True)
+class _BaselineConfig(_UnlearnConfig):
+    """Shared by the output-space baselines. ``params="selected"`` trains the same tensors as RMU
+    (``trained_layers`` × ``param_pattern``); ``params="mlp"`` trains every MLP parameter of every block."""
+
+    lr: float = 1e-5
+    steps: int = 100
+    params: Literal["selected", "mlp"] = "selected"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.params in ("selected", "mlp"), f'params must be "selected" or "mlp", got {self.params!r}')
+
+
+@dataclass(frozen=True)
+class GAConfig(_BaselineConfig):
+    """Gradient ascent: maximise the forget NLL (minimise −NLL)."""
+
+
+@dataclass(frozen=True)
+class GradDiffConfig(_BaselineConfig):
+    """Gradient difference: −NLL(forget) + α · NLL(retain)."""
+
+    alpha: PerTopic = 1.0
+
+
+@dataclass(frozen=True)
+class NPOConfig(_BaselineConfig):
+    """NPO with a retain term: −(2/β) E log σ(−β log(π_θ(y|x)/π_ref(y|x))) + α · NLL(retain)."""
+
+    beta: float = 0.1
+    alpha: PerTopic = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.beta > 0, f"beta must be > 0, got {self.beta}")
+
+
+METHOD_NAMES: dict[type, str] = {
+    RMUConfig: "rmu",
+    AdaptiveRMUConfig: "adaptive-rmu",
+    GAConfig: "ga",
+    GradDiffConfig: "graddiff",
+    NPOConfig: "npo",
+}
+CONFIG_CLASSES: dict[str, type] = {name: cls for cls, name in METHOD_NAMES.items()}
+
+#: Named recipes. Zephyr-7B-β (32 blocks): l = 7, blocks 5–7, c = 6.5 or β = 5, α = 1200, lr 5e-5, batch 4,
+#: 500 steps (the paper; WMDP's released model used 150), bio (max length 512) + cyber (768), retain 512.
+PRESETS: dict[str, _UnlearnConfig] = {
+    "zephyr-7b-rmu": RMUConfig(
+        layer=7, trained_layers=(5, 6, 7), steering_coeff=6.5, alpha=1200.0, lr=5e-5, batch_size=4, steps=500,
+        forget_max_length=(512, 768), retain_max_length=512,
+    ),
+    "zephyr-7b-adaptive-rmu": AdaptiveRMUConfig(
+        layer=7, trained_layers=(5, 6, 7), beta=5.0, alpha=1200.0, lr=5e-5, batch_size=4, steps=500,
+        forget_max_length=(512, 768), retain_max_length=512, coefficient="first-batch",
+    ),
+}
+
+
+def config_from_dict(data: dict[str, Any]) -> _UnlearnConfig:
+    """Rebuild a config from ``to_dict()`` output (e.g. a saved ``rmu_config.json``)."""
+    data = dict(data)
+    method = data.pop("method")
+    cls = CONFIG_CLASSES[method]
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+    return cls(**kwargs)
