@@ -1,6 +1,6 @@
 """rmu_analysis: representation-steering unlearning (RMU, Adaptive RMU) — measure, apply, and stress-test it.
 
-The public API is imported lazily so that ``import rmu_analysis`` stays fast.
+The public API is imported lazily, except ``capture`` and ``alignment`` (see below).
 """
 from __future__ import annotations
 
@@ -31,9 +31,27 @@ _EXPORTS: dict[str, str] = {
     "measure_confidence": "confidence",
     "alignment": "alignment",
     "noise_sensitivity": "theory",
+    # unlearning
+    "unlearn": "unlearning",
+    "unlearn_reference": "unlearning",
+    "unlearn_sweep": "unlearning",
+    "save_unlearned": "unlearning",
+    "RMUConfig": "unlearning",
+    "AdaptiveRMUConfig": "unlearning",
+    "GAConfig": "unlearning",
+    "GradDiffConfig": "unlearning",
+    "NPOConfig": "unlearning",
+    "PRESETS": "unlearning",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+# ``capture`` and ``alignment`` are both submodules and functions. Importing a submodule binds the module to the
+# package attribute of the same name, so bind the functions eagerly: a later ``import rmu_analysis.capture`` finds
+# the module already loaded and leaves the function in place.
+from .alignment import alignment  # noqa: E402
+from .capture import capture  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:
