@@ -87,3 +87,23 @@ def test_environment_names_every_runtime_dependency_and_extra(pyproject):
 def test_environment_installs_the_package_itself():
     _, pip = _environment_entries()
     assert any(p.startswith("-e") and "." in p for p in pip), "environment.yml should pip install -e the package"
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```(?:bash|sh)?\n(.*?)```", text, re.S)
+    assert block, "README.md must open with a code block holding the two commands"
+    return [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_opens_with_two_commands_and_ci_runs_the_test_one():
+    commands = _readme_commands()
+    assert len(commands) == 2, commands
+    main_job, tests = commands
+    assert "rmu-analysis" in main_job and "pip install" in main_job
+    assert "pytest" in tests and "--nbval" in tests and "notebooks" in tests
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install --quiet torch==2.13.0" in ci or "pip install torch==2.13.0" in ci
+    # the README command installs torch itself; CI installs it first and then runs the rest verbatim
+    tail = tests.split("&&", 1)[1].strip()
+    assert tail in ci, f"{tail!r} is not in .ci/run"

@@ -13,7 +13,7 @@ from .config import CONFIG_CLASSES, PRESETS
 METHODS = tuple(CONFIG_CLASSES)
 #: Subject names of the WMDP topics in the lm-eval prompt (records with a "subject" field use their own; the
 #: organism's question sets use ``rmu_analysis.organism.SUBJECTS``).
-SUBJECTS = {"bio": "biology", "cyber": "computer security", "chem": "chemistry"}
+SUBJECTS = {"bio": "biology", "cyber": "cybersecurity", "chem": "chemistry"}  # lm-eval's WMDP descriptions
 
 
 def add_unlearn_parser(subparsers) -> argparse.ArgumentParser:
@@ -61,7 +61,8 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="organism", help='"organism" or a local HF model directory')
     p.add_argument("--data", nargs="+", metavar="TOPIC=FILE", help="question files (default: the organism's sets)")
-    p.add_argument("--scoring", choices=("letter", "cloze"), default="letter")
+    p.add_argument("--scoring", choices=("letter", "cloze"), default=None,
+                   help="default: letter for question files, the organism's scoring (cloze) for organism models")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="questions per topic")
     p.add_argument("--generate", type=int, default=30, help="greedy tokens for MaxLogit (the paper: 30; 0: next token)")
@@ -202,10 +203,16 @@ def run_evaluate(args) -> int:
 
         from ..organism import SUBJECTS as organism_subjects
 
+        from ..organism import SCORING
+
         sets = {t: (r if args.limit is None else r[: args.limit]) for t, r in organism_mcq().items()}
         subjects.update(organism_subjects)
+        if args.scoring is None:
+            args.scoring = SCORING
     else:
         raise ValueError("give --data TOPIC=FILE ... (only organism models have default question sets)")
+    if args.scoring is None:
+        args.scoring = "letter"
     model, tok = _load(args)
     rows = {}
     for topic, records in sets.items():

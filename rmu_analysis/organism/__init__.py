@@ -1,0 +1,94 @@
+"""The built-in model organism: a tiny Llama trained on a synthetic world with hazardous and benign knowledge.
+
+``load_organism()`` returns ``(model, tokenizer)`` from the files shipped inside the package (no network);
+``organism_corpora()`` and ``organism_mcq()`` return its forget/retain corpora and held-out question sets in the
+reference formats (PAPER.md §6). ``build_organism()`` trains it anew (``rmu-analysis organism build``).
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+#: How the organism's questions are scored by default. It answers held-out questions well in the cloze format
+#: (log-likelihood of each choice's text) but never learned the lettered WMDP format within its CPU build budget
+#: (see README, "The model organism"); both scorers stay available everywhere.
+SCORING = "cloze"
+ASSETS = Path(__file__).resolve().parent / "assets"
+DATA = ASSETS / "data"
+from .world import DOMAINS, SUBJECTS, TOPICS  # noqa: E402  (tiny module, no heavy imports)
+
+
+class OrganismMissingError(FileNotFoundError):
+    """The shipped organism files are not where the package expects them."""
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise OrganismMissingError(
+            f"the model organism is missing: {path} does not exist. Reinstall rmu_analysis, or rebuild it with "
+            "`rmu-analysis organism build` (about 15 minutes on 2 CPU cores)."
+        )
+    return path
+
+
+def load_organism(path: str | Path | None = None, *, dtype=None):
+    """Load the shipped organism (or one built to ``path``): returns ``(model, tokenizer)`` in eval mode, on CPU."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    root = Path(path) if path is not None else ASSETS
+    _require(root / "model.safetensors")
+    model = LlamaForCausalLM.from_pretrained(root, dtype=dtype) if dtype is not None else \
+        LlamaForCausalLM.from_pretrained(root)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(root)
+    model._rmu_tokenizer = tokenizer
+    return model, tokenizer
+
+
+def build_report(path: str | Path | None = None) -> dict:
+    """The JSON report written when the organism was built (config, seed, accuracies, block norms, build time)."""
+    root = Path(path) if path is not None else ASSETS
+    return json.loads(_require(root / "build_report.json").read_text())
+
+
+@lru_cache(maxsize=4)
+def _corpora(root: str) -> dict:
+    from ..data import load_forget_corpus, load_text_corpus
+
+    data = Path(root) / "data"
+    return {
+        "forget": {
+            "bio": load_forget_corpus(_require(data / "bio-forget-corpus.jsonl")),
+            "cyber": load_forget_corpus(_require(data / "cyber-forget-corpus.jsonl"), format="lines"),
+        },
+        "retain": load_text_corpus(_require(data / "retain-corpus.jsonl")),
+    }
+
+
+def organism_corpora(path: str | Path | None = None) -> dict:
+    """``{"forget": {"bio": [...], "cyber": [...]}, "retain": [...]}`` read from the shipped files."""
+    c = _corpora(str(Path(path) if path is not None else ASSETS))
+    return {"forget": {k: list(v) for k, v in c["forget"].items()}, "retain": list(c["retain"])}
+
+
+def organism_mcq(path: str | Path | None = None) -> dict[str, list[dict]]:
+    """Held-out multiple-choice sets ``{"bio": [...], "cyber": [...], "general": [...]}`` (records as in WMDP)."""
+    from ..data import load_mcq
+
+    data = Path(path if path is not None else ASSETS) / "data"
+    return {d: load_mcq(_require(data / f"{d}-mcq.jsonl")) for d in ("bio", "cyber", "general")}
+
+
+def build_organism(*args, **kwargs):
+    """Train the organism from scratch; see :func:`rmu_analysis.organism.build.build_organism`."""
+    from .build import build_organism as _build
+
+    return _build(*args, **kwargs)
+
+
+def generate_world(*args, **kwargs):
+    """The synthetic world; see :func:`rmu_analysis.organism.world.generate_world`."""
+    from .world import generate_world as _gen
+
+    return _gen(*args, **kwargs)
