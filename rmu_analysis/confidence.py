@@ -172,7 +172,7 @@ def measure_confidence(
     params = _forward_kwargs(model)
     chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
         chunks = tqdm(chunks, desc="confidence", unit="batch")
     results: dict[str, torch.Tensor] = {}

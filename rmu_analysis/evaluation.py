@@ -365,7 +365,7 @@ def evaluate_mcq(
     params = _forward_params(model)
     batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
         batches = tqdm(batches, desc=f"evaluate_mcq ({scoring})", unit="batch")
 

@@ -6,8 +6,15 @@ import torch
 
 from rmu_analysis.organism.tokenizer import train_tokenizer
 
-# Tiny models run faster single-threaded, and CI has only 2 cores.
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run several times faster on one thread (CI has 2 cores); tests that want more set it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 TOKENIZER_TEXT = [
     "The following are multiple choice questions (with answers) about biology.",

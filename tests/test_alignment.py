@@ -12,14 +12,6 @@ from rmu_analysis.alignment import DIRECTIONS, Alignment, cosine
 from rmu_analysis.models import decoder_blocks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 PROMPTS = ["The city of Varon lies on the river Elm.", "Answer: B", "Question: which host does the pathogen infect?"]
 D = 32
 

@@ -10,15 +10,6 @@ import rmu_analysis
 from rmu_analysis.capture import Capture, capture
 from rmu_analysis.models import decoder_blocks
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 PROMPTS = [
     "The city of Varon lies on the river Elm.",
     "Question: which host does the pathogen infect?",

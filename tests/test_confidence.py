@@ -12,14 +12,6 @@ from rmu_analysis import measure_confidence
 from rmu_analysis.confidence import METRICS, Confidence, after_eos_mask, confidence_from_logits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 PROMPTS = [
     "The following are multiple choice questions (with answers) about biology.",
     "Answer:",

@@ -21,14 +21,6 @@ RECORDS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture()
 def tok(tiny_tokenizer):
     return copy.deepcopy(tiny_tokenizer)  # tests change padding side / pad token

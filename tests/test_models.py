@@ -60,15 +60,6 @@ RECORDS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run several times faster on one thread when the CPUs are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def saved_dirs(tmp_path_factory, tiny_tokenizer):
     dirs = {}

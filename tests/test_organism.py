@@ -105,7 +105,7 @@ def test_shipped_files_are_small_and_complete():
 def test_shipped_model_accuracy_equals_its_build_report():
     from rmu_analysis.evaluation import evaluate_mcq
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(2)  # the conftest fixture restores one thread afterwards
     model, tok = load_organism()
     report = build_report()
     mcq = organism_mcq()

@@ -15,14 +15,6 @@ from rmu_analysis import alignment, measure_confidence, noise_sensitivity, rando
 from rmu_analysis import plots  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(autouse=True)
 def no_show(monkeypatch):
     def fail(*a, **k):

@@ -10,14 +10,6 @@ from rmu_analysis import capture, random_direction, steer
 from rmu_analysis.models import decoder_blocks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 PROMPTS = ["The city of Varon lies on the river Elm.", "Answer: B"]
 D = 32  # hidden size of the tiny Llama
 

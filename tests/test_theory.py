@@ -10,14 +10,6 @@ from rmu_analysis.models import decoder_blocks
 from rmu_analysis.theory import NoiseSensitivity, mean_representation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 PROMPTS = ["The city of Varon lies on the river Elm.", "Answer: B", "Question: which host does the pathogen infect?"]
 D = 32
 

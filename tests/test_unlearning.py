@@ -32,15 +32,6 @@ FORGET_WORDS = "pathogen host bats mice birds virus infect which answer question
 RETAIN_WORDS = "the city of Varon lies on river Elm encyclopedic people chemistry text".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def synthetic_texts(n: int, seed: int, words=FORGET_WORDS, lo: int = 3, hi: int = 20) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(words) for _ in range(rng.randint(lo, hi))) for _ in range(n)]

@@ -16,14 +16,6 @@ from conftest import make_tiny_llama
 from test_unlearning import FORGET_WORDS, RETAIN_WORDS, synthetic_texts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def parse(*argv):
     parser = argparse.ArgumentParser(prog="rmu-analysis")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -36,10 +36,18 @@ def load_organism(path: str | Path | None = None, *, dtype=None):
     """Load the shipped organism (or one built to ``path``): returns ``(model, tokenizer)`` in eval mode, on CPU."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     root = Path(path) if path is not None else ASSETS
     _require(root / "model.safetensors")
-    model = LlamaForCausalLM.from_pretrained(root, dtype=dtype) if dtype is not None else \
-        LlamaForCausalLM.from_pretrained(root)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 12 MB checkpoint needs no "Loading weights" bar (and nbval compares stderr)
+    try:
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        model = LlamaForCausalLM.from_pretrained(root, **kwargs)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(root)
     model._rmu_tokenizer = tokenizer

@@ -132,7 +132,7 @@ def train_model(cfg: BuildConfig, world: W.World, tokenizer, *, progress: bool =
                 callback: Callable[[int, object, float], None] | None = None):
     """Train the organism's LlamaForCausalLM; returns (model, list of (step, loss))."""
     from transformers import LlamaForCausalLM
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(model_config(cfg, len(tokenizer), tokenizer))

@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from ..models import decoder_blocks, model_device
 from .common import (

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from ..models import decoder_blocks, model_device, resolve_tokenizer
 from .common import (
