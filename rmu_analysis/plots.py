@@ -15,6 +15,7 @@ Numerical checks of the theory (:mod:`rmu_analysis.theory`):
 - :func:`plot_cosine_panels` — cos(h, u) with null baselines, one panel per model (Fig. 2e–h)
 - :func:`plot_norm_trajectories` — forget norm and forget loss during unlearning (Fig. 4)
 - :func:`plot_input_gradients` — one-hot input-gradient norms per model (the GCG argument, Eq. 20–22)
+- :func:`save_figure` — write a figure as a small PNG and close it (what the notebooks show)
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from matplotlib.ticker import MaxNLocator
 __all__ = [
     "plot_confidence", "plot_cosines", "plot_norms", "plot_noise_sensitivity", "plot_proposition1",
     "plot_confidence_vs_coeff", "plot_optimal_coefficient", "plot_accuracy_vs_coeff", "plot_cosine_panels",
-    "plot_norm_trajectories", "plot_input_gradients",
+    "plot_norm_trajectories", "plot_input_gradients", "save_figure",
 ]
 
 _METRIC_LABELS = {"max_logit": "MaxLogit (token confidence)", "max_prob": "max softmax probability",
@@ -323,3 +324,17 @@ def plot_input_gradients(results: Any, *, centered: bool = False, ax: Any = None
     ax.set_ylabel("‖∂ log p(answer) / ∂ one-hot‖" + (" (centred)" if centered else ""))
     ax.set_title("input-gradient norm on forget questions")
     return fig
+
+
+def save_figure(fig: Any, path: Any, *, dpi: int = 72):
+    """Write ``fig`` to ``path`` as a PNG (parent folders created), close it, and return the path
+    (``IPython.display.Image(save_figure(fig, "figures/x.png"))`` shows it, whatever the matplotlib backend)."""
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    plt.close(fig)
+    return path

@@ -303,6 +303,25 @@ def _quiet_vmap_fallback() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[None]:
+    """Switch a CPU model from SDPA to eager attention for a ``jacrev`` (SDPA's CPU backward has no vmap rule, so
+    torch loops over the batch: eager is ~2x faster); restored on exit and on errors. Other models: unchanged."""
+    cfg = getattr(model, "config", None)
+    switch = (getattr(cfg, "_attn_implementation", None) == "sdpa" and hasattr(model, "set_attn_implementation")
+              and model_device(model).type == "cpu")
+    if switch:
+        try:
+            model.set_attn_implementation("eager")
+        except Exception:  # pragma: no cover - a model that cannot switch keeps SDPA (slower, same numbers)
+            switch = False
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation("sdpa")
+
+
 @dataclass(frozen=True, eq=False)
 class LogitJacobian:
     """J of the last-position logits W ∘ g^(l:L) with respect to block ``layer``'s output at token ``positions``,
@@ -364,7 +383,7 @@ def logit_jacobian(
         return out, out.detach()
 
     p = next(decoder_blocks(model)[idx].parameters())
-    with _quiet_vmap_fallback():
+    with _quiet_vmap_fallback(), _eager_attention(model):
         J, value = torch.func.jacrev(f, has_aux=True, chunk_size=chunk_size)(zt.to(p.device, torch.float32))
     return LogitJacobian(layer=idx, positions=tuple(cols), z=zt, logits=value.detach().cpu(),
                          jacobian=J.detach().float().cpu(), projection=P)
@@ -566,11 +585,22 @@ class OptimalCoefficient:
         den = np.where(self.c_grid == 0, np.nan, np.abs(self.c_grid))
         return np.abs(self.c_star - self.c_grid) / den
 
+    @property
+    def diff_over_norm(self) -> np.ndarray:
+        """|c* − c_grid| / ‖ĥ‖: the disagreement in units of the representation's size (defined at c_grid = 0)."""
+        return np.abs(self.c_star - self.c_grid) / self.h_norm
+
+    @property
+    def excess(self) -> np.ndarray:
+        """Φ_k(c*) − min over the grid of Φ_k (≥ 0 up to the grid's resolution): what using Eq. 19 costs."""
+        return self.phi_at_c_star - self.phi_min
+
     def to_frame(self) -> pd.DataFrame:
-        """One row per k: c* (Eq. 19), the grid argmin, their relative difference, Φ at both, cosines."""
+        """One row per k: c* (Eq. 19), the grid argmin, their disagreement, Φ at both, cosines."""
         return pd.DataFrame({
             "layer": self.layer, "k": list(self.ks), "c_star": self.c_star, "c_grid": self.c_grid,
-            "rel_diff": self.rel_diff, "phi_at_c_star": self.phi_at_c_star, "phi_min": self.phi_min,
+            "rel_diff": self.rel_diff, "diff_over_norm": self.diff_over_norm, "phi_at_c_star": self.phi_at_c_star,
+            "phi_min": self.phi_min, "excess": self.excess,
             "cos_jac": self.cos_jac, "norm_ratio": self.norm_ratio, "cos_u_h": self.cos_u_h,
             "h_norm": self.h_norm,
         })
@@ -611,7 +641,7 @@ def optimal_coefficient(
 
     ĥ is the mean forget representation at block ``layer`` (as in :func:`noise_sensitivity`: the dataset
     version, pushed as a one-token sequence). ``eps``: the noise ε (``[d]``; None = 0). ``coeffs``: the grid
-    (default 241 points on [0, 2.5·max(‖ĥ‖, |c*|)]).
+    (default 241 points on [−m, m], m = 2.5·max(‖ĥ‖, |c*|): c* may be negative).
     """
     idx = check_layer(model, layer)
     ks = _check_ks(model, idx, ks)
@@ -639,7 +669,7 @@ def optimal_coefficient(
 
     if coeffs is None:
         top = 2.5 * max(float(h_hat.norm()), float(np.abs(c_star).max()))
-        grid = np.linspace(0.0, top, 241)
+        grid = np.linspace(-top, top, 241)
     else:
         grid = np.asarray(coeffs, dtype=float).ravel()
         if grid.size == 0 or not np.all(np.isfinite(grid)):
@@ -769,13 +799,15 @@ def input_gradient_norms(
     records: Any,
     subject: Any = None,
     *,
+    scoring: str = "letter",
     add_bos: bool | None = None,
 ) -> InputGradients:
-    """The GCG argument (Eq. 20–22): for each multiple-choice question (the zero-shot letter prompt of
-    :func:`~rmu_analysis.evaluation.evaluate_mcq`, same tokenisation), the gradient of log p(correct letter)
-    with respect to the one-hot input tokens, = ∂/∂(input embeddings) @ W_Eᵀ. The paper predicts ≈ 0 for an
-    unlearned model (its layer-l state no longer depends on the input). One question at a time; the model's
-    parameters get no gradients."""
+    """The GCG argument (Eq. 20–22): for each multiple-choice question (the zero-shot prompt of
+    :func:`~rmu_analysis.evaluation.evaluate_mcq`, same tokenisation), the gradient of log p(correct answer)
+    — the letter (``scoring="letter"``) or the choice's text (``"cloze"``, summed over its tokens) — with
+    respect to the one-hot input tokens, = ∂/∂(input embeddings) @ W_Eᵀ. The paper predicts ≈ 0 for an
+    unlearned model (its layer-l state no longer depends on the input). One question at a time, in eval mode;
+    the model's parameters get no gradients (both restored afterwards)."""
     from .evaluation import _encode_pairs, _records, _subjects, _tokenizer_adds_bos, mcq_continuations, mcq_prompt
 
     recs = _records(records)
@@ -784,13 +816,15 @@ def input_gradient_norms(
     if add_bos is None:
         add_bos = _tokenizer_adds_bos(tok)
     prefix = [tok.bos_token_id] if add_bos else []
-    contexts = [mcq_prompt(r, s) for r, s in zip(recs, subjects)]
-    pairs = _encode_pairs(tok, contexts, [mcq_continuations(r) for r in recs], prefix)
+    contexts = [mcq_prompt(r, s, scoring=scoring) for r, s in zip(recs, subjects)]
+    pairs = _encode_pairs(tok, contexts, [mcq_continuations(r, scoring=scoring) for r in recs], prefix)
     emb = model.get_input_embeddings().weight
     device = emb.device
     out = {k: [] for k in ("logprob", "norm", "centered", "n")}
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
     try:
+        model.eval()
         for p, _ in flags:
             p.requires_grad_(False)
         for rec, (ctx, conts) in zip(recs, pairs):
@@ -811,6 +845,7 @@ def input_gradient_norms(
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+        model.train(training)
     return InputGradients(logprob=np.array(out["logprob"]), grad_norm=np.array(out["norm"]),
                           grad_norm_centered=np.array(out["centered"]), n_tokens=np.array(out["n"]))
 
@@ -820,10 +855,16 @@ def input_gradient_norms(
 # ------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class Convergence:
-    """Per topic, from an unlearning log: the block-l forget norm at the first logged step and at the end, the
-    coefficient c, the forget loss at the start and at the end (mean of the last ``tail`` logged steps),
-    ``loss_ratio`` = end / start and ``converged`` = loss_ratio < ``threshold``; ``starts_below`` = initial
-    norm < c (Fig. 4: the paper expects converged == starts_below)."""
+    """Fig. 4 per topic, from an unlearning log: the block-l forget norm at the first logged step
+    (``initial_norm``) and at the end (``final_norm``, mean of the last ``tail`` logged steps), the coefficient
+    c, and the forget loss at the start and at the end.
+
+    Two readings of "the forget loss converges": ``rel_distance`` = sqrt(final loss · d) / c, the RMS distance
+    of the forget representations from their target c·u relative to its size (the forget loss is a mean over
+    the d hidden dimensions), and ``loss_ratio`` = final / initial loss. ``converged`` applies ``criterion``
+    (``"distance"`` or ``"loss_ratio"``) against ``threshold``. ``starts_below`` = initial norm < c (Fig. 4:
+    the paper expects converged == starts_below).
+    """
 
     topics: tuple[str, ...]
     initial_norm: np.ndarray
@@ -831,6 +872,8 @@ class Convergence:
     coefficient: np.ndarray
     initial_loss: np.ndarray
     final_loss: np.ndarray
+    hidden_size: int | None
+    criterion: str
     threshold: float
 
     @property
@@ -838,8 +881,15 @@ class Convergence:
         return self.final_loss / self.initial_loss
 
     @property
+    def rel_distance(self) -> np.ndarray:
+        if self.hidden_size is None:
+            return np.full(len(self.topics), np.nan)
+        return np.sqrt(self.final_loss * self.hidden_size) / self.coefficient
+
+    @property
     def converged(self) -> np.ndarray:
-        return self.loss_ratio < self.threshold
+        value = self.rel_distance if self.criterion == "distance" else self.loss_ratio
+        return value < self.threshold
 
     @property
     def starts_below(self) -> np.ndarray:
@@ -850,13 +900,28 @@ class Convergence:
                              "initial_norm": self.initial_norm, "final_norm": self.final_norm,
                              "starts_below": self.starts_below, "initial_loss": self.initial_loss,
                              "final_loss": self.final_loss, "loss_ratio": self.loss_ratio,
-                             "converged": self.converged})
+                             "rel_distance": self.rel_distance, "converged": self.converged})
 
 
-def forget_convergence(log: Any, *, tail: int = 5, threshold: float = 0.1) -> Convergence:
-    """Fig. 4 from an unlearning log (an ``UnlearnResult``, its ``.log`` or ``to_frame()``; ``log_every=1``
-    gives every step): did the forget loss converge (end / start < ``threshold``), and did the forget norm
-    start below the coefficient?"""
+_THRESHOLDS = {"distance": 0.5, "loss_ratio": 0.1}
+
+
+def forget_convergence(log: Any, *, hidden_size: int | None = None, tail: int = 5, criterion: str = "distance",
+                       threshold: float | None = None) -> Convergence:
+    """Fig. 4 from an unlearning run (an ``UnlearnResult``, its ``.log`` or ``to_frame()``; ``log_every=1``
+    gives every step): did the forget loss converge, and did the forget norm start below the coefficient?
+
+    ``criterion="distance"`` (default threshold 0.5): the forget representations end within half of ‖c·u‖ of
+    c·u (RMS); needs the hidden size d, read from an ``UnlearnResult``'s control vectors or given as
+    ``hidden_size``. ``criterion="loss_ratio"`` (default threshold 0.1): the loss fell below a tenth of its
+    initial value. Both numbers are always in ``to_frame()``.
+    """
+    if criterion not in _THRESHOLDS:
+        raise ValueError(f'criterion must be "distance" or "loss_ratio", got {criterion!r}')
+    if hidden_size is None and getattr(log, "control_vectors", None):
+        hidden_size = int(next(iter(log.control_vectors.values())).numel())
+    if criterion == "distance" and hidden_size is None:
+        raise ValueError('criterion="distance" needs the hidden size: pass hidden_size=d or an UnlearnResult')
     frame = log.to_frame() if hasattr(log, "to_frame") else pd.DataFrame(log)
     need = {"step", "topic", "forget_loss", "forget_norm", "coefficient"}
     if frame.empty or not need <= set(frame.columns):
@@ -868,6 +933,8 @@ def forget_convergence(log: Any, *, tail: int = 5, threshold: float = 0.1) -> Co
         rows.append((str(topic), part["forget_norm"].iloc[0], part["forget_norm"].iloc[-tail:].mean(),
                      part["coefficient"].iloc[0], part["forget_loss"].iloc[0], part["forget_loss"].iloc[-tail:].mean()))
     cols = list(zip(*rows))
-    return Convergence(topics=tuple(cols[0]), initial_norm=np.array(cols[1], float), final_norm=np.array(cols[2], float),
-                       coefficient=np.array(cols[3], float), initial_loss=np.array(cols[4], float),
-                       final_loss=np.array(cols[5], float), threshold=float(threshold))
+    return Convergence(topics=tuple(cols[0]), initial_norm=np.array(cols[1], float),
+                       final_norm=np.array(cols[2], float), coefficient=np.array(cols[3], float),
+                       initial_loss=np.array(cols[4], float), final_loss=np.array(cols[5], float),
+                       hidden_size=hidden_size, criterion=criterion,
+                       threshold=_THRESHOLDS[criterion] if threshold is None else float(threshold))
