@@ -1,8 +1,11 @@
 """Tests of rmu_analysis.unlearning: the engine against the plain reference implementation, the model-state
 rules, errors before training, saving, and the baselines. Tiny random models on the CPU.
 
-The ``case`` fixture holds the model and data; add a variant to ``CASES`` (the organism one is skipped until
-``rmu_analysis.organism`` provides ``load_organism`` and ``organism_corpora``).
+The ``case`` fixture holds the model and data; add a variant to ``CASES``. "tiny" is a random 5-block Llama;
+"organism" is the shipped 12-block model organism (fp32, l = 3, its first 40 texts per corpus; skipped only
+when its files are missing). Engine and reference agree bit for bit on one or two CPU threads (max |Δw| = 0
+for RMU and Adaptive RMU in both loss conventions, weights moved by ~2e-2); the tolerance 1e-5 leaves room
+for other thread counts and BLAS builds.
 """
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ def organism_case() -> Case:
     except FileNotFoundError as exc:  # OrganismMissingError: the assets are not built yet
         pytest.skip(str(exc))
     model = model.float().eval()
-    layer = len(decoder_blocks(model)) // 2
+    layer = len(decoder_blocks(model)) // 4  # l = 3, the organism recipes' layer: trained 1-3, prefix block 0
     forget = {t: list(v[:40]) for t, v in corpora["forget"].items()}
     retain = list(corpora["retain"][:40])
     with reference_padding(tok):
@@ -175,6 +178,20 @@ def test_default_leaves_model_unchanged_and_apply_to_installs(tiny):
         changed = not torch.equal(after[name], before[name])
         assert changed == (name in result.trained), name
         assert torch.equal(after[name], other.state_dict()[name])
+
+
+def test_installed_swaps_the_trained_tensors_in_and_back_out(tiny):
+    result = unlearn(tiny.model, tiny.tokenizer, tiny.forget, tiny.retain, tiny.config(steps=4), progress=False)
+    before = snapshot(tiny.model)
+    expected = result.apply_to(copy.deepcopy(tiny.model)).state_dict()
+    with result.installed() as model:
+        assert model is tiny.model
+        assert all(torch.equal(v, expected[k]) for k, v in tiny.model.state_dict().items())
+    assert same_state(tiny.model, before)
+    with pytest.raises(RuntimeError, match="inside"):
+        with result.installed(tiny.model):
+            raise RuntimeError("an error inside the block")
+    assert same_state(tiny.model, before), "the model's own tensors come back on an error too"
 
 
 # --------------------------------------------------------------------------- control vectors
@@ -406,6 +423,8 @@ def test_presets_and_dispatch(tiny):
             rmu.steps) == (7, (5, 6, 7), 6.5, 1200.0, 5e-5, 4, 500)
     assert (adaptive.beta, adaptive.coefficient, adaptive.alpha) == (5.0, "first-batch", 1200.0)
     assert rmu.per_topic("forget_max_length", 2) == (512, 768)
+    organism = PRESETS["organism-adaptive-rmu"]  # the organism's recipe: a quarter of its 12 blocks
+    assert (organism.layer, organism.resolved_trained_layers(), organism.beta) == (3, (1, 2, 3), 5.0)
     assert RMUConfig(layer=1).resolved_trained_layers() == (0, 1)
     assert config_from_dict(json.loads(json.dumps(adaptive.to_dict()))) == adaptive
     with pytest.raises(TypeError, match="config must be one of"):

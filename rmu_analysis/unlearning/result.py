@@ -1,11 +1,12 @@
 """What an unlearning run returns, and how it is written to disk."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -52,6 +53,23 @@ class UnlearnResult:
             for name, tensor in self.trained.items():
                 params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
         return model
+
+    @contextlib.contextmanager
+    def installed(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
+        """Context manager: ``model`` (default: the run's) holds the trained tensors inside the block and its own
+        tensors again on exit, also on an error. One model serves base and unlearned evaluations, no copy."""
+        model = model if model is not None else self.model
+        if model is None:
+            raise ValueError("no model to install the trained tensors in: pass one")
+        params = dict(model.named_parameters())
+        saved = {name: params[name].detach().clone() for name in self.trained if name in params}
+        self.apply_to(model)  # checks names and shapes before writing anything
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, tensor in saved.items():
+                    params[name].copy_(tensor)
 
     def state_dict(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """The model's state dict with the trained tensors substituted (the model itself is not changed)."""
