@@ -1,6 +1,6 @@
 """Unlearning methods on the model organism: Adaptive RMU (β = 5), RMU with a tuned c, GA, GradDiff and NPO.
 
-Run: ``nice -n 19 python benchmarks/organism_methods.py`` (about 15 minutes on one CPU thread). Prints the
+Run: ``nice -n 19 python benchmarks/organism_methods.py`` (about 17 minutes on one shared CPU thread). Prints the
 tables (Markdown) and writes them to ``figures/organism_methods.md``. ``--only rmu adaptive-rmu`` runs a part.
 
 Setting (the issue's): the 12-block organism (fp32), unlearn layer l = 3 (a quarter of the depth; trained
@@ -160,7 +160,8 @@ def main(argv=None) -> None:
         f"Model organism (12 blocks, width 128), unlearn layer l = {LAYER} (trained: MLP down-projections of blocks "
         f"{LAYER - 2}–{LAYER}), forget bio + cyber, cloze accuracy on held-out questions (bio 112, cyber 96, "
         f"general 144; chance 0.25). Per method: the grid setting with the lowest mean forget accuracy among those "
-        f"with general ≥ {KEEP:.0%} of base (`benchmarks/organism_methods.py`; one CPU thread, fp32).",
+        f"with general ≥ {KEEP:.0%} of base (`benchmarks/organism_methods.py`; one CPU thread, fp32; ms / step "
+        f"is wall time on a shared machine, noisy: RMU and Adaptive RMU do the same work per step).",
         "", HEADER,
         f"| base model | | {base['bio']:.3f} | {base['cyber']:.3f} | {(base['bio'] + base['cyber']) / 2:.3f} | "
         f"{base['general']:.3f} | 1.00 | |",

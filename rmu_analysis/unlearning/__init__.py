@@ -2,7 +2,8 @@
 
 ``unlearn(model, tokenizer, forget, retain, config)`` dispatches on the config type and returns an
 ``UnlearnResult``; the model is unchanged unless ``inplace=True`` (``result.apply_to(model)`` installs the
-trained tensors). ``unlearn_reference`` is the deliberately plain implementation the engine is tested against.
+trained tensors; ``with result.installed(model):`` installs them for a block and puts the originals back).
+``unlearn_reference`` is the deliberately plain implementation the engine is tested against.
 """
 from __future__ import annotations
 
