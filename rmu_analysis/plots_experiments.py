@@ -1,0 +1,172 @@
+"""Figures of the sweeps (``rmu_analysis.experiments``). Each function takes the frames that
+``experiments.load_results`` / ``collapse_points`` return, returns the matplotlib ``Figure`` and never shows it.
+
+- :func:`plot_layer_sweep` — forget and general accuracy per unlearn layer, RMU (fixed c) vs Adaptive RMU (Fig. 5)
+- :func:`plot_collapse` — forget accuracy against c / ‖h_l‖ and against raw c, every run, coloured by layer
+- :func:`plot_coefficient_sweep` — accuracy, cos(u, h) and MaxLogit against c at one layer (Fig. 2, Fig. 3)
+- :func:`plot_norm_trajectories` — the forget norm at block l during training, early vs late layer (Fig. 4)
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
+
+__all__ = ["plot_layer_sweep", "plot_collapse", "plot_coefficient_sweep", "plot_norm_trajectories"]
+
+_LABELS = {"rmu": "RMU (fixed c)", "adaptive-rmu": "Adaptive RMU"}
+_COLORS = {"rmu": "tab:red", "adaptive-rmu": "tab:blue"}
+
+
+def _topics(frame: pd.DataFrame) -> list[str]:
+    return [c[len("norm_frozen_"):] for c in frame.columns if c.startswith("norm_frozen_")]
+
+
+def _ok(frame: pd.DataFrame) -> pd.DataFrame:
+    if frame is None or len(frame) == 0:
+        raise ValueError("nothing to plot: the results frame is empty")
+    return frame[frame["status"] == "ok"] if "status" in frame else frame
+
+
+def _subplots(n: int, width: float = 3.6, height: float = 3.2):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), layout="constrained", squeeze=False)
+    return fig, list(axes[0])
+
+
+def _plain_log_x(ax) -> None:
+    """Log x axis labelled with plain numbers (no overlapping minor-tick labels)."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_layer_sweep(frame: pd.DataFrame, *, target: float = 0.35, min_general_ratio: float = 0.85,
+                     title: str | None = None):
+    """Mean ± std over seeds of each forget topic's accuracy and the general accuracy against the unlearn
+    layer, one line per method, with the base accuracy, chance (25%), the 35% target and 85% of base."""
+    frame = _ok(frame)
+    sets = _topics(frame) + ["general"]
+    fig, axes = _subplots(len(sets))
+    for ax, s in zip(axes, sets):
+        col = f"acc_{s}"
+        for method, sub in frame.groupby("method"):
+            g = sub.groupby("layer")[col]
+            mean, std = g.mean(), g.std(ddof=1).fillna(0.0)
+            ax.errorbar(mean.index, mean.values, yerr=std.values, marker="o", capsize=3,
+                        color=_COLORS.get(method), label=_LABELS.get(method, method))
+        base = float(frame[f"base_acc_{s}"].iloc[0])
+        ax.axhline(base, color="black", linewidth=1, label=f"base ({base:.0%})")
+        ax.axhline(0.25, color="gray", linestyle=":", linewidth=1, label="chance")
+        if s == "general":
+            ax.axhline(min_general_ratio * base, color="gray", linestyle="--", linewidth=1,
+                       label=f"{min_general_ratio:.0%} of base")
+        else:
+            ax.axhline(target, color="tab:blue", linestyle="--", linewidth=1, alpha=0.6, label=f"{target:.0%} target")
+        ax.set_ylim(0, 1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("unlearn layer l")
+        ax.set_ylabel(f"{s} accuracy")
+        ax.set_title(s)
+    axes[0].legend(fontsize=7)
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(title or "layer-wise effectiveness: fixed-c RMU vs Adaptive RMU (Fig. 5 analogue)")
+    return fig
+
+
+def plot_collapse(points: pd.DataFrame, summary: Mapping[str, Any] | None = None, *, title: str | None = None):
+    """Forget accuracy of every (steering run, topic) against c / ‖h_l‖ (left) and raw c (right), coloured by
+    layer, circles for RMU and squares for Adaptive RMU. One curve on the left and spread by layer on the right
+    is what the Adaptive RMU principle predicts."""
+    import matplotlib as mpl
+
+    if points is None or len(points) == 0:
+        raise ValueError("nothing to plot: no steering runs in the points")
+    fig, axes = _subplots(2, width=4.4, height=3.6)
+    layers = sorted(points["layer"].unique())
+    norm = mpl.colors.Normalize(vmin=min(layers), vmax=max(layers))
+    cmap = mpl.colormaps["viridis"]
+    markers = {"rmu": "o", "adaptive-rmu": "s"}
+    for ax, x, label in ((axes[0], "ratio", "c / ‖h_l‖ (coefficient over frozen forget norm)"),
+                         (axes[1], "coefficient", "coefficient c")):
+        for method, sub in points.groupby("method"):
+            ax.scatter(sub[x], sub["forget_acc"], c=cmap(norm(sub["layer"].to_numpy())), marker=markers.get(method, "o"),
+                       s=22, alpha=0.8, edgecolors="none", label=_LABELS.get(method, method).replace(" (fixed c)", ""))
+        _plain_log_x(ax)
+        ax.axhline(0.25, color="gray", linestyle=":", linewidth=1)
+        ax.set_xlabel(label)
+        ax.set_ylabel("forget accuracy (per topic)")
+        ax.set_ylim(0, 1)
+    if summary:
+        axes[0].set_title(f"one curve: R² = {summary['r2_ratio']:.2f}, ρ = {summary['pooled_rho_ratio']:.2f}")
+        axes[1].set_title(f"raw c: R² = {summary['r2_coefficient']:.2f}, ρ = {summary['pooled_rho_coefficient']:.2f}")
+    axes[0].legend(fontsize=7)
+    fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[1], label="unlearn layer l")
+    fig.suptitle(title or "does forget accuracy depend on c / ‖h_l‖ alone?")
+    return fig
+
+
+def plot_coefficient_sweep(frame: pd.DataFrame, layer: int, *, title: str | None = None):
+    """At block ``layer``, against c (fixed-c RMU runs): forget and general accuracy (Fig. 3), mean cos(u, h)
+    on forget texts beside the null directions (Fig. 2e–h), and mean MaxLogit on forget questions (Fig. 2a–d)."""
+    frame = _ok(frame)
+    sub = frame[(frame["method"] == "rmu") & (frame["layer"] == layer)].sort_values("coeff")
+    if sub.empty:
+        raise ValueError(f"no fixed-c RMU runs at layer {layer} in the frame")
+    topics = _topics(frame)
+    g = sub.groupby("coeff")
+    fig, axes = _subplots(3, width=3.8)
+    for t in topics:
+        axes[0].plot(g[f"acc_{t}"].mean(), marker="o", label=f"{t} (forget)")
+    axes[0].plot(g["general_acc"].mean(), marker="o", color="black", label="general")
+    axes[0].axhline(0.25, color="gray", linestyle=":", linewidth=1)
+    axes[0].set_ylim(0, 1)
+    axes[0].set_ylabel("accuracy")
+    for t in topics:
+        line, = axes[1].plot(g[f"cos_u_{t}"].mean(), marker="o", label=f"{t}: cos(u, h)")
+        axes[1].plot(g[f"cos_uniform_null_{t}"].mean(), linestyle="--", color=line.get_color(), alpha=0.6,
+                     label=f"{t}: uniform null u′")
+    axes[1].plot(g[f"cos_gaussian_null_{topics[0]}"].mean(), linestyle=":", color="gray", label="Gaussian null")
+    axes[1].set_ylabel("mean token cos at block l")
+    for t in topics:
+        line, = axes[2].plot(g[f"maxlogit_{t}"].mean(), marker="o", label=t)
+        axes[2].axhline(float(sub[f"base_maxlogit_{t}"].iloc[0]), color=line.get_color(), linestyle="--",
+                        linewidth=1, label=f"{t} base")
+    axes[2].set_ylabel("mean MaxLogit (forget questions)")
+    for ax in axes:
+        _plain_log_x(ax)
+        ax.set_xlabel("steering coefficient c")
+        ax.legend(fontsize=7)
+    fig.suptitle(title or f"coefficient sweep at block {layer} (Fig. 2 / Fig. 3 analogue)")
+    return fig
+
+
+def plot_norm_trajectories(frame: pd.DataFrame, layers: Sequence[int], *, method: str = "rmu", seed: int | None = None,
+                           title: str | None = None):
+    """‖h^(l)(x_F)‖ of the updated model on each training batch (the engine's log) for runs at ``layers``, with
+    the coefficient as a dashed line (Fig. 4: at early layers the norm starts below c and reaches it; at late
+    layers it starts above c). ``frame`` needs ``load_results(..., logs=True)``."""
+    frame = _ok(frame)
+    if "log" not in frame:
+        raise ValueError("the frame has no training logs: load it with load_results(..., logs=True)")
+    fig, axes = _subplots(len(layers), width=3.8)
+    for ax, layer in zip(axes, layers):
+        sub = frame[(frame["method"] == method) & (frame["layer"] == layer)]
+        if seed is not None:
+            sub = sub[sub["seed"] == seed]
+        if sub.empty:
+            raise ValueError(f"no {method} runs at layer {layer} in the frame")
+        run = sub.sort_values("seed").iloc[0]
+        log = pd.DataFrame(run["log"])
+        for topic, part in log.groupby("topic"):
+            line, = ax.plot(part["step"], part["forget_norm"], marker=".", label=f"{topic} ‖h‖")
+            ax.plot(part["step"], part["coefficient"], linestyle="--", color=line.get_color(), label=f"{topic} c")
+        ax.set_xlabel("step")
+        ax.set_ylabel("forget norm at block l")
+        ax.set_title(f"{_LABELS.get(method, method)}, l = {layer}")
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "forget representation norm during unlearning (Fig. 4 analogue)")
+    return fig

@@ -1,0 +1,420 @@
+"""experiments: run specs and their keys, the resumable / shardable sweep runner, run_one on a tiny model, and
+the summaries checked against hand-computed numbers."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rmu_analysis import experiments as E
+from rmu_analysis.organism.tokenizer import train_tokenizer
+from rmu_analysis.organism.world import SUBJECTS, generate_world
+
+from conftest import make_tiny_llama
+
+EVAL = E.EvalSettings(confidence_prompts=3, confidence_tokens=2, eval_texts=4, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_world():
+    world = generate_world(0, {"pathogen": 4, "exploit": 4, "city": 4, "person": 4, "element": 4},
+                           forget_docs=24, retain_docs=24)
+    tok = train_tokenizer(world.forget_corpus["bio"] + world.forget_corpus["cyber"] + world.retain_corpus,
+                          vocab_size=300, min_frequency=1)
+    data = E.ExperimentData("tiny", world.forget_corpus, world.retain_corpus, world.mcq, SUBJECTS)
+    return data, tok
+
+
+@pytest.fixture()
+def bench(tiny_world):
+    data, tok = tiny_world
+    model = make_tiny_llama(len(tok), n_layers=4, hidden=32)
+    model._rmu_tokenizer = tok
+    return E.Workbench(model, tok, data, model_id="tiny")
+
+
+def spec(method="rmu", layer=2, coeff=None, seed=0, **kw):
+    if coeff is None and method in ("rmu", "adaptive-rmu"):
+        coeff = 5.0
+    return E.RunSpec(method=method, layer=layer, coeff=coeff, seed=seed, steps=kw.pop("steps", 4),
+                     model="tiny", data="tiny", eval=EVAL, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- specs
+def test_key_is_stable_and_canonical():
+    a = E.RunSpec("rmu", layer=3, steps=10, coeff=6, lr=1e-3, options={"loss": "masked", "log_every": 5})
+    b = E.RunSpec("rmu", layer=3, steps=10, coeff=6.0, lr=0.001, options=(("log_every", 5), ("loss", "masked")))
+    assert a == b and a.key() == b.key()
+    assert len(a.key()) == 16 and int(a.key(), 16) >= 0
+    assert E.RunSpec.from_dict(json.loads(json.dumps(a.to_dict()))).key() == a.key()
+    # the key is a hash of canonical JSON (not Python's per-process hash): recompute it from its definition
+    import hashlib
+
+    payload = {"spec": a.to_dict(), "config": a.config().to_dict(), "version": E.RESULT_VERSION}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    assert a.key() == hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def test_keys_differ_for_every_field():
+    base = E.RunSpec("rmu", layer=3, steps=10, coeff=6.0)
+    variants = [
+        E.RunSpec("adaptive-rmu", layer=3, steps=10, coeff=6.0), E.RunSpec("rmu", layer=4, steps=10, coeff=6.0),
+        E.RunSpec("rmu", layer=3, steps=11, coeff=6.0), E.RunSpec("rmu", layer=3, steps=10, coeff=6.5),
+        E.RunSpec("rmu", layer=3, steps=10, coeff=6.0, seed=1), E.RunSpec("rmu", layer=3, steps=10, coeff=6.0, lr=1e-4),
+        E.RunSpec("rmu", layer=3, steps=10, coeff=6.0, alpha=10), E.RunSpec("rmu", layer=3, steps=10, coeff=6.0, model="m"),
+        E.RunSpec("rmu", layer=3, steps=10, coeff=6.0, options={"loss": "masked"}),
+        E.RunSpec("rmu", layer=3, steps=10, coeff=6.0, eval=E.EvalSettings(eval_texts=8)),
+    ]
+    keys = {base.key()} | {v.key() for v in variants}
+    assert len(keys) == len(variants) + 1
+
+
+def test_spec_builds_the_engine_config():
+    from rmu_analysis.unlearning import AdaptiveRMUConfig, NPOConfig, RMUConfig
+
+    cfg = E.RunSpec("rmu", layer=5, steps=20, coeff=7.0, alpha=100, lr=1e-3, seed=3).config()
+    assert isinstance(cfg, RMUConfig) and (cfg.layer, cfg.steps, cfg.steering_coeff, cfg.alpha, cfg.lr, cfg.seed) == \
+        (5, 20, 7.0, 100.0, 1e-3, 3)
+    assert isinstance(E.RunSpec("adaptive-rmu", layer=5, steps=2, coeff=3).config(), AdaptiveRMUConfig)
+    assert E.RunSpec("adaptive-rmu", layer=5, steps=2, coeff=3).config().beta == 3.0
+    assert E.RunSpec("npo", layer=5, steps=2, coeff=0.2).config() == NPOConfig(layer=5, steps=2, beta=0.2, seed=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "ga", "coeff": 1.0}, "takes no coefficient"),
+    ({"method": "ga", "alpha": 1.0}, "no retain weight"),
+    ({"method": "rmu", "options": {"nope": 1}}, "not a field"),
+    ({"method": "rmu", "options": {"layer": 1}}, "duplicates"),
+    ({"method": "sgd"}, "method must be one of"),
+])
+def test_invalid_specs_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        E.RunSpec(layer=3, steps=10, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ the sweep
+def fake_row(s: E.RunSpec, forget: float = 0.3, general: float = 0.5) -> dict:
+    """A complete result row without training (for the sweep-runner tests)."""
+    topics = ["bio", "cyber"]
+    rep = {t: {"cos_u_mean": 0.9, "cos_uniform_null_mean": 0.7, "cos_gaussian_null_mean": 0.0, "norm_mean": 2.0}
+           for t in topics}
+    conf = {t: {"max_logit_mean": 5.0} for t in topics}
+    coef = {t: 4.0 for t in topics} if s.method in E.STEERING else {}
+    return {"key": s.key(), "spec": s.to_dict(), "status": "ok", "topics": topics,
+            "forget_accuracy": {t: forget for t in topics}, "general_accuracy": general,
+            "accuracy": {"bio": forget, "cyber": forget, "general": general}, "retain_loss": 1.0,
+            "confidence": conf, "alignment": rep, "coefficient": coef,
+            "forget_norm": {t: {"frozen": 2.0, "final": 3.0} for t in topics},
+            "coefficient_over_norm": {t: c / 2.0 for t, c in coef.items()},
+            "base": {"accuracy": {"bio": 0.8, "cyber": 0.8, "general": 0.6}, "retain_loss": 1.0, "confidence": conf,
+                     "alignment": rep},
+            "log": [], "steps_run": s.steps, "train_seconds": 0.0, "wall_seconds": 0.0}
+
+
+def grid(n=7):
+    return [spec(layer=2, coeff=float(c), steps=3) for c in range(1, n + 1)]
+
+
+@pytest.fixture()
+def counting(monkeypatch):
+    calls = []
+
+    def fake(s, bench):
+        calls.append(s.key())
+        return fake_row(s)
+
+    monkeypatch.setattr(E, "run_one", fake)
+    return calls
+
+
+def test_resume_skips_finished_runs(tmp_path, counting):
+    specs = grid()
+    first = E.run_sweep(specs[:4], tmp_path, bench=None, progress=False)
+    assert (first.ran, first.skipped) == (4, 0) and len(counting) == 4
+    second = E.run_sweep(specs, tmp_path, bench=None, progress=False)
+    assert (second.ran, second.skipped) == (3, 4)
+    assert counting[4:] == [s.key() for s in specs[4:]]
+    third = E.run_sweep(specs, tmp_path, bench=None, progress=False)
+    assert (third.ran, third.skipped) == (0, 7) and len(counting) == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{s.key()}.json" for s in specs)
+    assert E.run_sweep(specs, tmp_path, bench=None, progress=False, resume=False).ran == 7
+
+
+def test_finished_sweep_builds_no_workbench(tmp_path, counting):
+    E.run_sweep(grid(3), tmp_path, bench=None, progress=False)
+    built = []
+    E.run_sweep(grid(3), tmp_path, bench=lambda: built.append(1), progress=False)
+    assert built == []
+
+
+def test_crash_mid_sweep_leaves_only_complete_files(tmp_path, monkeypatch):
+    specs = grid(5)
+    calls = []
+
+    def crashing(s, bench):
+        calls.append(s)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return fake_row(s)
+
+    monkeypatch.setattr(E, "run_one", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        E.run_sweep(specs, tmp_path, bench=None, progress=False)
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 2 and all(json.loads(f.read_text())["status"] == "ok" for f in files)
+
+    # a crash while the file is being written leaves no file at the final name and no temporary file
+    def bad_replace(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "run_one", lambda s, b: fake_row(s))
+    monkeypatch.setattr("rmu_analysis._io.os.replace", bad_replace)
+    with pytest.raises(KeyboardInterrupt):
+        E.run_sweep(specs, tmp_path, bench=None, progress=False)
+    assert sorted(tmp_path.iterdir()) == files
+    monkeypatch.undo()
+    monkeypatch.setattr(E, "run_one", lambda s, b: fake_row(s))
+    assert E.run_sweep(specs, tmp_path, bench=None, progress=False).ran == 3
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 9])
+def test_shards_partition_the_grid(n):
+    specs = grid(7) + grid(7)[:2]  # duplicates are run once
+    keys = [s.key() for s in grid(7)]
+    parts = [[s.key() for s in E.shard_specs(specs, f"{i}/{n}")] for i in range(n)]
+    assert sorted(k for p in parts for k in p) == sorted(keys)  # union = grid, and no key twice
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+@pytest.mark.parametrize("text", ["3/3", "-1/2", "1/0", "a/b", "2"])
+def test_bad_shard_is_a_clear_error(text):
+    with pytest.raises(ValueError, match="shard"):
+        E.parse_shard(text)
+
+
+def test_shards_merge_by_reading_the_directory(tmp_path, counting):
+    specs = grid(7)
+    for i in range(3):
+        E.run_sweep(specs, tmp_path, bench=None, shard=(i, 3), progress=False)
+    assert len(counting) == 7
+    frame = E.load_results(tmp_path)
+    assert sorted(frame["key"]) == sorted(s.key() for s in specs)
+    assert set(frame["coeff"]) == set(range(1, 8))
+    (tmp_path / ".partial.json").write_text("{")  # hidden temporaries are ignored
+    with pytest.warns(UserWarning, match="1 of 8 runs"):
+        sub = E.load_results(tmp_path, specs + [spec(coeff=99.0)])
+    assert len(sub) == 7
+
+
+# -------------------------------------------------------------------------------------------- run_one
+def test_run_one_measures_and_leaves_the_model_unchanged(bench):
+    before = {n: p.detach().clone() for n, p in bench.model.named_parameters()}
+    s = spec("adaptive-rmu", layer=2, steps=4, lr=1e-2, alpha=10.0)
+    row = E.run_one(s, bench)
+    for n, p in bench.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert row["key"] == s.key() and row["status"] == "ok" and row["steps_run"] == 4
+    assert set(row["forget_accuracy"]) == {"bio", "cyber"} and 0 <= row["general_accuracy"] <= 1
+    n_bio = len(bench.data.mcq["bio"])
+    assert row["forget_accuracy"]["bio"] * n_bio == pytest.approx(round(row["forget_accuracy"]["bio"] * n_bio), abs=1e-3)
+    for t in ("bio", "cyber"):
+        x = row["coefficient"][t] / row["forget_norm"][t]["frozen"]
+        assert row["coefficient_over_norm"][t] == pytest.approx(x, rel=1e-4)
+        assert row["alignment"][t]["norm_mean"] == row["forget_norm"][t]["final"]
+        assert set(row["alignment"][t]) >= {"cos_u_mean", "cos_uniform_null_mean", "cos_gaussian_null_mean"}
+    # the base numbers are the untouched model's
+    from rmu_analysis.evaluation import evaluate_mcq
+
+    base_bio = evaluate_mcq(bench.model, bench.tokenizer, bench.data.mcq["bio"], "biology").accuracy
+    assert row["base"]["accuracy"]["bio"] == pytest.approx(base_bio, abs=1e-6)
+    json.dumps(row)  # JSON-ready
+
+
+def test_evaluation_copy_equals_applying_in_place(tiny_world, bench):
+    s = spec("rmu", layer=1, coeff=3.0, steps=3, lr=1e-2, alpha=10.0)
+    a = E.run_one(s, bench)
+    data, tok = tiny_world
+    model = make_tiny_llama(len(tok), n_layers=4, hidden=32)
+    model._rmu_tokenizer = tok
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    b = E.run_one(s, E.Workbench(model, tok, data, model_id="tiny", eval_copy=False))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+    for field in ("accuracy", "retain_loss", "confidence", "alignment", "coefficient"):
+        assert a[field] == b[field], field
+
+
+def test_evaluation_model_restores_the_previous_runs_tensors(bench):
+    names = [n for n, _ in bench.model.named_parameters() if "down_proj" in n]
+    first = {names[0]: torch.ones_like(dict(bench.model.named_parameters())[names[0]])}
+    twin = bench.evaluation_model(first)
+    assert torch.equal(dict(twin.named_parameters())[names[0]], first[names[0]])
+    second = {names[2]: torch.zeros_like(dict(bench.model.named_parameters())[names[2]])}
+    twin = bench.evaluation_model(second)
+    orig = dict(bench.model.named_parameters())
+    assert torch.equal(dict(twin.named_parameters())[names[0]], orig[names[0]])
+    assert torch.equal(dict(twin.named_parameters())[names[2]], second[names[2]])
+    assert not torch.equal(orig[names[2]], second[names[2]])
+
+
+def test_baseline_run_and_wrong_workbench(bench):
+    row = E.run_one(spec("ga", steps=2, lr=1e-4), bench)
+    assert row["coefficient"] == {} and row["coefficient_over_norm"] == {}
+    assert "not trained toward" in row["u"]
+    with pytest.raises(ValueError, match="workbench holds"):
+        E.run_one(E.RunSpec("ga", layer=2, steps=2, model="other", data="tiny", eval=EVAL), bench)
+
+
+def test_held_out_split_is_fixed_and_training_order_follows_the_seed(tiny_world):
+    data, _ = tiny_world
+    f0, r0, fe0, re0 = data.split(4, seed=0)
+    f1, r1, fe1, re1 = data.split(4, seed=1)
+    assert fe0 == fe1 and re0 == re1 and fe0["bio"] == list(data.forget["bio"][-4:])
+    assert sorted(f0["bio"]) == sorted(f1["bio"]) and f0["bio"] != f1["bio"]
+    assert not set(fe0["bio"]) & set(f0["bio"][:0] + list(data.forget["bio"][:-4])) - set(data.forget["bio"][:-4])
+    with pytest.raises(ValueError, match="eval_texts"):
+        data.split(20, seed=0)
+
+
+# ------------------------------------------------------------------------------------------ summaries
+def layer_frame() -> pd.DataFrame:
+    """Six layers, two seeds; per-layer means are the numbers in the comments."""
+    rmu = [0.20, 0.30, 0.40, 0.50, 0.60, 0.70]
+    ada = [0.30, 0.30, 0.30, 0.30, 0.40, 0.30]
+    rows = []
+    for method, accs in (("rmu", rmu), ("adaptive-rmu", ada)):
+        for layer, acc in zip(range(2, 8), accs):
+            for seed, d in ((0, -0.02), (1, 0.02)):
+                rows.append({"key": f"{method}{layer}{seed}", "status": "ok", "method": method, "layer": layer,
+                             "seed": seed, "coeff": 1.0, "lr": 1e-3, "alpha": 1.0, "acc_bio": acc + d,
+                             "acc_cyber": acc - d, "forget_acc": acc, "general_acc": 0.54 if layer == 7 else 0.6,
+                             "base_general_acc": 0.6, "norm_frozen_bio": 1.0, "norm_frozen_cyber": 1.0})
+    return pd.DataFrame(rows)
+
+
+def test_layer_targets_on_a_hand_made_frame():
+    res = E.layer_targets(layer_frame())
+    t = res["targets"]
+    assert res["deepest_third"] == [6, 7]
+    assert t["adaptive_fraction_of_layers_at_most_35pct"]["value"] == pytest.approx(5 / 6)
+    assert t["adaptive_fraction_of_layers_at_most_35pct"]["held"]
+    assert t["rmu_spearman_rho_forget_vs_layer"]["value"] == pytest.approx(1.0)
+    assert t["deepest_third_gap_rmu_minus_adaptive"]["value"] == pytest.approx(0.65 - 0.35)
+    assert t["min_general_over_base"]["value"] == pytest.approx(0.9) and t["min_general_over_base"]["held"]
+    table = E.layer_table(layer_frame())
+    row = table[(table["method"] == "rmu") & (table["layer"] == 2)].iloc[0]
+    assert row["acc_bio_mean"] == pytest.approx(0.2) and row["acc_bio_std"] == pytest.approx(0.04 / math.sqrt(2))
+    assert row["n_seeds"] == 2
+
+
+def test_early_late_on_a_hand_made_frame():
+    el = E.early_late(layer_frame(), split=4).set_index(["topic", "layers"])
+    assert el.loc[("mean", "early"), "rmu"] == pytest.approx(0.25)
+    assert el.loc[("mean", "early"), "adaptive_rmu"] == pytest.approx(0.30)
+    assert el.loc[("mean", "late"), "lowered_by"] == pytest.approx(0.55 - 0.325)
+    assert el.loc[("bio", "late"), "rmu"] == pytest.approx(0.55)  # seed offsets cancel
+    assert (el.loc[("mean", "late"), "first"], el.loc[("mean", "late"), "last"]) == (4, 7)
+
+
+def test_isotonic_and_spearman():
+    np.testing.assert_allclose(E.isotonic_decreasing([1, 2, 3, 4], [4, 3, 2, 1]), [4, 3, 2, 1])
+    np.testing.assert_allclose(E.isotonic_decreasing([1, 2, 3], [1, 3, 2]), [2, 2, 2])
+    np.testing.assert_allclose(E.isotonic_decreasing([3, 1, 2], [1, 5, 3]), [1, 5, 3])  # unsorted input
+    np.testing.assert_allclose(E.isotonic_decreasing([1, 1, 2], [2, 4, 1]), [3, 3, 1])  # ties share a value
+    assert E.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(E.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_collapse_summary_separates_ratio_from_raw_coefficient():
+    # accuracy = f(c / norm) exactly, norms differ by layer: one curve on the ratio, not on raw c
+    rows = []
+    for layer, norm in ((2, 1.0), (5, 4.0), (8, 16.0)):
+        for ratio in (0.5, 1, 2, 4, 8):
+            rows.append({"layer": layer, "method": "rmu", "ratio": ratio, "coefficient": ratio * norm,
+                         "forget_acc": 0.9 - 0.15 * math.log2(ratio * 2)})
+    res = E.collapse_summary(pd.DataFrame(rows))
+    assert res["n_points"] == 15 and res["n_layers"] == 3
+    assert all(v == pytest.approx(-1.0) for v in res["within_layer_rho"].values())
+    assert res["pooled_rho_ratio"] == pytest.approx(-1.0)
+    assert res["r2_ratio"] == pytest.approx(1.0)
+    assert res["r2_coefficient"] < 0.8 and res["pooled_rho_coefficient"] > -0.9
+    assert math.isnan(res["residual_layer_rho"])  # no residual at all
+    assert res["residual_layer_rho_coefficient"] > 0.5  # on raw c, deeper layers sit above the curve
+
+
+def test_table1_selection_and_markdown():
+    rows = []
+    for method, points in {"ga": [(1e-4, 0.5, 0.58), (1e-3, 0.2, 0.30)], "rmu": [(1e-3, 0.3, 0.57), (2e-3, 0.26, 0.55)]}.items():
+        for lr, forget, general in points:
+            for seed, d in ((0, -0.01), (1, 0.01)):
+                rows.append({"key": f"{method}{lr}{seed}", "status": "ok", "method": method, "seed": seed,
+                             "coeff": 5.0 if method == "rmu" else np.nan, "lr": lr, "alpha": np.nan,
+                             "acc_bio": forget + d, "acc_cyber": forget - d, "acc_general": general,
+                             "forget_acc": forget, "general_acc": general, "base_general_acc": 0.6,
+                             "base_acc_bio": 0.8, "base_acc_cyber": 0.7, "base_acc_general": 0.6,
+                             "retain_loss": 1.0, "norm_frozen_bio": 1.0, "norm_frozen_cyber": 1.0})
+    frame = pd.DataFrame(rows)
+    sel = E.table1_select(frame)
+    chosen = sel[sel["selected"]].set_index("method")
+    assert chosen.loc["ga", "point"] == "lr=0.0001"  # lr 1e-3 forgets more but general 0.30 < 0.85 × 0.6
+    assert chosen.loc["rmu", "point"] == "c=5, lr=0.002"
+    table = E.table1_frame(frame)
+    assert list(table["method"]) == ["base", "ga", "rmu"]
+    assert table.set_index("method").loc["rmu", "bio_mean"] == pytest.approx(0.26)
+    assert table.set_index("method").loc["rmu", "bio_std"] == pytest.approx(0.02 / math.sqrt(2))
+    md = E.table1_markdown(table)
+    assert "| RMU | c=5, lr=0.002 | 26.0 ± 1.4 | 26.0 ± 1.4 | 55.0 ± 0.0 | 2 |" in md
+    assert "| base |  | 80.0 | 70.0 | 60.0 | 1 |" in md
+
+
+# ---------------------------------------------------------------------------------------------- plans
+def test_plan_grids_sizes_and_coefficients():
+    plan = E.organism_plan()
+    grids = E.plan_grids(plan, {l: 10.0 + l for l in plan.coeff_layers})
+    assert len(grids["layer"]) == len(plan.layers) * 2 * len(plan.seeds) and len(plan.seeds) >= 3
+    assert list(plan.layers) == E.valid_layers(12)
+    n_table = sum(len(p) for _, p in plan.table_grid) * len(plan.seeds)
+    assert len(grids["table1"]) == n_table and {s.method for s in grids["table1"]} == \
+        {"ga", "graddiff", "npo", "rmu", "adaptive-rmu"}
+    rmu = [s for s in grids["coefficient"] if s.method == "rmu" and s.layer == plan.coeff_layers[0]]
+    assert [s.coeff for s in rmu] == [float(f"{r * (10.0 + plan.coeff_layers[0]):.4g}") for r in plan.coeff_ratios]
+    for g in grids.values():
+        assert len({s.key() for s in g}) == len(g)
+    # a run in two experiments (e.g. Table 1's RMU at the layer-sweep c) has one key and runs once
+    shared = {s.key() for s in grids["table1"]} & {s.key() for s in grids["layer"]}
+    assert {(s.method, s.layer) for s in grids["table1"] if s.key() in shared} <= {("rmu", plan.table_layer),
+                                                                                   ("adaptive-rmu", plan.table_layer)}
+    with pytest.raises(ValueError, match="norms"):
+        E.plan_grids(plan)
+
+
+def tiny_bench_factory() -> E.Workbench:
+    """A picklable factory (module-level) for the worker processes of the parallel test."""
+    world = generate_world(0, {k: 4 for k in ("pathogen", "exploit", "city", "person", "element")},
+                           forget_docs=24, retain_docs=24)
+    tok = train_tokenizer(world.forget_corpus["bio"] + world.forget_corpus["cyber"] + world.retain_corpus,
+                          vocab_size=300, min_frequency=1)
+    model = make_tiny_llama(len(tok), n_layers=4, hidden=32)
+    model._rmu_tokenizer = tok
+    return E.Workbench(model, tok, E.ExperimentData("tiny", world.forget_corpus, world.retain_corpus, world.mcq,
+                                                    SUBJECTS), model_id="tiny")
+
+
+def test_parallel_workers_write_every_run_once(tmp_path):
+    specs = [spec("rmu", layer=l, coeff=c, steps=2) for l in (2, 3) for c in (1.0, 2.0)]
+    outcome = E.run_sweep(specs, tmp_path, tiny_bench_factory, workers=2, progress=False)
+    assert outcome.ran == len(specs)
+    frame = E.load_results(tmp_path)
+    assert sorted(frame["key"]) == sorted(s.key() for s in specs) and (frame["status"] == "ok").all()
+    # the same runs in one process give the same numbers (runs are independent of where they run)
+    one = E.run_one(specs[0], tiny_bench_factory())
+    saved = json.loads((tmp_path / f"{specs[0].key()}.json").read_text())
+    assert saved["accuracy"] == one["accuracy"] and saved["coefficient"] == one["coefficient"]
+    with pytest.raises(ValueError, match="picklable"):
+        E.run_sweep([spec(coeff=9.0), spec(coeff=8.0)], tmp_path / "x", tiny_bench_factory(), workers=2,
+                    progress=False)
