@@ -1,4 +1,4 @@
-"""Command-line interface: ``rmu-analysis {demo,organism,unlearn,evaluate} ...``."""
+"""Command-line interface: ``rmu-analysis {reproduce,sweep,demo,organism,unlearn,evaluate} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_unlearn_parser(sub)
     add_evaluate_parser(sub)
+
+    from .experiments import add_sweep_parser
+    from .reproduce import add_reproduce_parser
+
+    add_reproduce_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 
