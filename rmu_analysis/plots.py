@@ -187,7 +187,7 @@ def plot_proposition1(result: Any, *, axes: Any = None):
     ax.loglog(eta, result.cov_sampling_floor, ":", color="grey", label=f"sampling floor ({result.samples} draws)")
     ax.set_xlabel("noise variance η")
     ax.set_ylabel("relative error")
-    ax.set_title(f"Proposition 1 at block {result.layer}, c = {result.coeff:g}")
+    ax.set_title(f"Proposition 1 at block {result.layer}, c = {result.coeff:.3g}")
     ax.legend(fontsize=7)
     grid = np.linspace(-4, 4, 200)
     bins = np.linspace(-4, 4, 33)
