@@ -821,12 +821,9 @@ def input_gradient_norms(
     emb = model.get_input_embeddings().weight
     device = emb.device
     out = {k: [] for k in ("logprob", "norm", "centered", "n")}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
+    from .unlearning.engine import frozen_parameters
+
+    with frozen_parameters(model):  # gradients flow to the input embeddings only
         for rec, (ctx, conts) in zip(recs, pairs):
             target = conts[rec["answer"]]
             seq = torch.tensor(ctx + target[:-1], device=device)
@@ -842,10 +839,6 @@ def input_gradient_norms(
             out["norm"].append(float(onehot.norm()))
             out["centered"].append(float((onehot - onehot.mean(-1, keepdim=True)).norm()))
             out["n"].append(len(ctx))
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(training)
     return InputGradients(logprob=np.array(out["logprob"]), grad_norm=np.array(out["norm"]),
                           grad_norm_centered=np.array(out["centered"]), n_tokens=np.array(out["n"]))
 
