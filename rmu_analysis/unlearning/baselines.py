@@ -24,7 +24,7 @@ from .common import (
     select_trained, step_batch, tokenize,
 )
 from .config import GAConfig, GradDiffConfig, NPOConfig
-from .engine import frozen_parameters
+from .engine import finish_result, frozen_parameters
 from .result import UnlearnResult
 
 
@@ -103,11 +103,4 @@ def unlearn_baseline(
                 log.append({"step": step, "topic": data.topics[topic], "forget_loss": f, "retain_loss": r,
                             "loss": f + alphas[topic] * r, "forget_nll": forget_nll})
 
-    result = UnlearnResult(
-        config=config, topics=data.topics,
-        trained={t.full_name: m.detach().to(p.dtype, copy=True) for t, m, p in zip(trained, masters, model_params)},
-        log=log, coefficients={}, control_vectors={}, steps=steps, applied=inplace, model=model, tokenizer=tokenizer,
-    )
-    if inplace:
-        result.apply_to(model)
-    return result
+    return finish_result(config, data.topics, trained, masters, model_params, log, steps, inplace, model, tokenizer)

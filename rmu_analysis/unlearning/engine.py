@@ -312,13 +312,20 @@ def unlearn_rmu(
                 log.append(log_row(step, data.topics[topic], f, r, alphas[topic], float(coefficient.float().mean()),
                                    h_forget, h_retain, u, forget_mask, retain_mask))
 
+    return finish_result(config, data.topics, trained, masters, model_params, log, steps, inplace, model, tokenizer,
+                         coefficients={t: sum(c) / len(c) for t, c in zip(data.topics, seen_coeffs) if c},
+                         control_vectors={t: v.detach().clone() for t, v in zip(data.topics, vectors)})
+
+
+def finish_result(config, topics, trained, masters, model_params, log, steps, inplace, model, tokenizer, *,
+                  coefficients=None, control_vectors=None) -> UnlearnResult:
+    """The run's ``UnlearnResult``: the fp32 master copies cast back to each parameter's dtype, installed in
+    ``model`` when ``inplace`` (shared by the steering engine and the output-space baselines)."""
     result = UnlearnResult(
-        config=config, topics=data.topics,
+        config=config, topics=topics,
         trained={t.full_name: m.detach().to(p.dtype, copy=True) for t, m, p in zip(trained, masters, model_params)},
-        log=log,
-        coefficients={t: sum(c) / len(c) for t, c in zip(data.topics, seen_coeffs) if c},
-        control_vectors={t: v.detach().clone() for t, v in zip(data.topics, vectors)},
-        steps=steps, applied=inplace, model=model, tokenizer=tokenizer,
+        log=log, coefficients=coefficients or {}, control_vectors=control_vectors or {}, steps=steps,
+        applied=inplace, model=model, tokenizer=tokenizer,
     )
     if inplace:
         result.apply_to(model)
