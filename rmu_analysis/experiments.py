@@ -771,7 +771,7 @@ def organism_plan(quick: bool = False) -> ExperimentPlan:
     Table 1 at block 3 (l = 7 of 32 in the paper, about the same relative depth). The baselines train the same
     tensors as RMU (the MLP down-projections of blocks l−2..l), 100 steps, each over two learning rates that
     bracket the step from "nothing forgotten" to "general accuracy collapses" (measured at block 3, seed 0: GA
-    3e-4 forgets nothing, 1e-3 collapses general to 39%; GradDiff 1e-3 → 74/56% forget, 3e-3 → collapse;
+    3e-4 forgets nothing, 1e-3 collapses general to 39%, so GA also gets 5e-4 and 7e-4 between them; GradDiff 1e-3 → 74/56% forget, 3e-3 → collapse;
     NPO 1e-3 forgets nothing, 3e-3 → 66/53%).
     """
     from .organism import SCORING
@@ -779,7 +779,7 @@ def organism_plan(quick: bool = False) -> ExperimentPlan:
     steps, lr, alpha, c = 200, 1e-2, 100.0, 30.0
     steering = {"lr": lr, "alpha": alpha}
     grid = _grid(
-        ga=[{"lr": 3e-4, "steps": 100}, {"lr": 1e-3, "steps": 100}],
+        ga=[{"lr": 3e-4, "steps": 100}, {"lr": 5e-4, "steps": 100}, {"lr": 7e-4, "steps": 100}, {"lr": 1e-3, "steps": 100}],
         graddiff=[{"lr": 1e-3, "alpha": 1.0, "steps": 100}, {"lr": 3e-3, "alpha": 1.0, "steps": 100}],
         npo=[{"lr": 3e-3, "coeff": 0.1, "alpha": 1.0, "steps": 100}, {"lr": 1e-2, "coeff": 0.1, "alpha": 1.0, "steps": 100}],
         rmu=[{**steering, "coeff": c}, {**steering, "coeff": 40.0}],
