@@ -74,6 +74,12 @@ def test_reproduce_end_to_end_and_resume(tiny, tmp_path, monkeypatch):
     assert "Adaptive RMU at most 35%" in md and "Spearman" in md and "c / ‖h_l‖" in md
     assert summary["seconds"]["total"] > 0
 
+    # fresh=True retrains every run exactly once, also those shared by two experiments
+    calls.clear()
+    fresh = R.reproduce(tmp_path, plan=plan, bench=bench, progress=False, fresh=True,
+                        experiments=("coefficient", "layer", "table1"))
+    assert sorted(calls) == sorted(unique) and sum(fresh["runs_trained"].values()) == len(unique)
+
     # a second call finds every run finished and trains nothing
     calls.clear()
     R.reproduce(tmp_path, plan=plan, bench=bench, progress=False, experiments=("coefficient", "layer", "table1"))
