@@ -186,7 +186,9 @@ def convergence_check(frame: pd.DataFrame) -> dict[str, Any]:
         for _, r in conv.to_frame().iterrows():
             rows.append({"layer": int(run["layer"]), "coeff": float(run["coeff"]), "topic": r["topic"],
                          "starts_below": bool(r["starts_below"]), "converged": bool(r["converged"]),
-                         "loss_ratio": float(r["loss_ratio"])})
+                         "loss_ratio": float(r["loss_ratio"]),
+                         "moved_toward_c": bool(np.sign(r["final_norm"] - r["initial_norm"])
+                                                == np.sign(r["coefficient"] - r["initial_norm"]))})
     if not rows:
         return {"skipped": "no fixed-c RMU run with a training log"}
     table = pd.DataFrame(rows)
@@ -196,6 +198,11 @@ def convergence_check(frame: pd.DataFrame) -> dict[str, Any]:
             if table["starts_below"].any() else None,
             "converged_when_above": float(table.loc[~table["starts_below"], "converged"].mean())
             if (~table["starts_below"]).any() else None,
+            "median_loss_ratio_below": float(table.loc[table["starts_below"], "loss_ratio"].median())
+            if table["starts_below"].any() else None,
+            "median_loss_ratio_above": float(table.loc[~table["starts_below"], "loss_ratio"].median())
+            if (~table["starts_below"]).any() else None,
+            "moved_toward_c": float(table["moved_toward_c"].mean()),
             "table": table.round(4).to_dict(orient="records")}
 
 
@@ -295,7 +302,10 @@ def summary_markdown(s: dict[str, Any], plan: ExperimentPlan, seconds: dict[str,
                      f"end within half of ‖c·u‖ of c·u) in "
                      f"{_fmt(cv['converged_when_below'], True)} of runs whose forget norm started below c and in "
                      f"{_fmt(cv['converged_when_above'], True)} of those that started above; converged == starts "
-                     f"below in {_fmt(cv['agreement'], True)} of {cv['n']} (run, topic) pairs.")
+                     f"below in {_fmt(cv['agreement'], True)} of {cv['n']} (run, topic) pairs. Median final/initial "
+                     f"forget loss: {_fmt(cv['median_loss_ratio_below'])} when starting below c, "
+                     f"{_fmt(cv['median_loss_ratio_above'])} when above; the forget norm moved toward c in "
+                     f"{_fmt(cv['moved_toward_c'], True)} of pairs (reported, no target).")
     for row in s.get("coefficient_sweep", []):
         lines.append(f"- C2 at block {row['layer']}: larger c ⇒ higher cos(u, h): ρ(c, cos) = {_fmt(row['rho_c_cos'])}; "
                      f"forgets more: ρ(c, forget acc) = {_fmt(row['rho_c_forget'])}; costs general accuracy: "
