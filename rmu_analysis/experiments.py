@@ -1123,8 +1123,8 @@ def _add_model_arguments(p) -> None:
     p.add_argument("--retain-file", type=Path, help="retain corpus (real model)")
     p.add_argument("--mcq", nargs="+", metavar="SET=FILE",
                    help="question files: one per forget topic and general=FILE (e.g. MMLU)")
-    p.add_argument("--coeff", type=float, default=6.5, help="fixed c of the layer sweep (real model)")
-    p.add_argument("--layer", type=int, default=7, help="Table 1 / coefficient-sweep layer (real model)")
+    p.add_argument("--coeff", type=float, default=None, help="fixed c of the layer sweep (real model; default 6.5)")
+    p.add_argument("--layer", type=int, default=None, help="Table 1 / coefficient-sweep layer (real model; default 7)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (real model; default 500)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (bf16 on CUDA)")
@@ -1149,6 +1149,12 @@ def plan_from_args(args) -> tuple[ExperimentPlan, Callable[[], Workbench]]:
     if args.model == "organism":
         import functools
 
+        given = [flag for flag, value in (("--forget-files", args.forget_files), ("--retain-file", args.retain_file),
+                                          ("--mcq", args.mcq), ("--coeff", args.coeff), ("--layer", args.layer),
+                                          ("--steps", args.steps)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only for --model PATH; the organism runs its own data and the "
+                             "fixed plan of rmu_analysis.experiments.organism_plan()")
         plan = organism_plan(quick=getattr(args, "quick", False))
         if args.seeds:
             plan = dataclasses.replace(plan, seeds=tuple(args.seeds))
@@ -1163,7 +1169,8 @@ def plan_from_args(args) -> tuple[ExperimentPlan, Callable[[], Workbench]]:
     if not model_cfg.is_file():
         raise FileNotFoundError(f"{args.model} is not a Hugging Face model directory: {model_cfg} does not exist")
     n_blocks = int(json.loads(model_cfg.read_text()).get("num_hidden_layers"))
-    plan = model_plan(n_blocks, model=str(args.model), data=data.name, c=args.coeff, layer=args.layer,
+    plan = model_plan(n_blocks, model=str(args.model), data=data.name,
+                      c=6.5 if args.coeff is None else args.coeff, layer=7 if args.layer is None else args.layer,
                       steps=args.steps or 500, seeds=tuple(args.seeds or (0, 1, 2)))
 
     def factory() -> Workbench:

@@ -110,6 +110,9 @@ def test_cli_parsers():
     args = parser.parse_args(["sweep", "--results", "r", "--model", "/m"])
     with pytest.raises(ValueError, match="--forget-files"):
         E.plan_from_args(args)
+    args = parser.parse_args(["sweep", "--results", "r", "--forget-files", "bio=x.jsonl", "--layer", "3"])
+    with pytest.raises(ValueError, match="--forget-files, --layer: only for --model PATH"):
+        E.plan_from_args(args)  # never silently ignored: the organism would run instead of the user's data
 
 
 def test_console_script_has_reproduce_and_sweep():
