@@ -1159,6 +1159,9 @@ def plan_from_args(args) -> tuple[ExperimentPlan, Callable[[], Workbench]]:
         if args.seeds:
             plan = dataclasses.replace(plan, seeds=tuple(args.seeds))
         return plan, functools.partial(Workbench.load, "organism")  # picklable: --workers processes build their own
+    if getattr(args, "quick", False):
+        raise ValueError("--quick is the organism's reduced plan; for --model PATH reduce the work with --seeds, "
+                         "--steps and smaller --mcq files")
     forget, mcq = _pairs(args.forget_files, "--forget-files"), _pairs(args.mcq, "--mcq")
     if not forget or args.retain_file is None or not mcq:
         raise ValueError("--model PATH needs --forget-files TOPIC=FILE ..., --retain-file FILE and --mcq SET=FILE ...")

@@ -113,6 +113,9 @@ def test_cli_parsers():
     args = parser.parse_args(["sweep", "--results", "r", "--forget-files", "bio=x.jsonl", "--layer", "3"])
     with pytest.raises(ValueError, match="--forget-files, --layer: only for --model PATH"):
         E.plan_from_args(args)  # never silently ignored: the organism would run instead of the user's data
+    args = parser.parse_args(["reproduce", "--quick", "--model", "/m"])
+    with pytest.raises(ValueError, match="--quick is the organism's reduced plan"):
+        E.plan_from_args(args)
 
 
 def test_console_script_has_reproduce_and_sweep():
