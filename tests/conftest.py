@@ -46,3 +46,19 @@ def tiny_llama(tiny_tokenizer):
     model = make_tiny_llama(len(tiny_tokenizer))
     model._rmu_tokenizer = tiny_tokenizer
     return model
+
+
+def save_tiny_model_and_corpora(tmp_path, tokenizer, n_texts: int):
+    """A tiny random Llama and its tokenizer saved as an HF directory, and WMDP-format corpora beside it (bio with a
+    "text" field, cyber as raw lines, a retain corpus): (model_dir, bio, cyber, retain) paths."""
+    from rmu_analysis.data import write_jsonl
+
+    from test_unlearning import FORGET_WORDS, RETAIN_WORDS, synthetic_texts
+
+    model_dir = tmp_path / "model"
+    make_tiny_llama(len(tokenizer), n_layers=4).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    bio = write_jsonl(synthetic_texts(n_texts, 1, FORGET_WORDS), tmp_path / "bio-forget-corpus.jsonl")
+    cyber = write_jsonl(synthetic_texts(n_texts, 2, FORGET_WORDS), tmp_path / "cyber-forget-corpus.jsonl", field=None)
+    retain = write_jsonl(synthetic_texts(n_texts, 3, RETAIN_WORDS), tmp_path / "wikitext.jsonl")
+    return model_dir, bio, cyber, retain

@@ -139,16 +139,11 @@ def test_theory_layer_moves_off_the_last_block(tiny):
 def test_sweep_on_a_saved_model_from_files_resumes_and_shards(tiny_tokenizer, tmp_path, capsys):
     """The real-model path: a tiny random HF model saved to disk, WMDP-format corpora and question files."""
     from rmu_analysis.cli import main
-    from rmu_analysis.data import write_jsonl, write_mcq
+    from rmu_analysis.data import write_mcq
 
-    from test_unlearning import FORGET_WORDS, RETAIN_WORDS, synthetic_texts
+    from conftest import save_tiny_model_and_corpora
 
-    model_dir = tmp_path / "model"
-    make_tiny_llama(len(tiny_tokenizer), n_layers=4).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    bio = write_jsonl(synthetic_texts(140, 1, FORGET_WORDS), tmp_path / "bio-forget-corpus.jsonl")
-    cyber = write_jsonl(synthetic_texts(140, 2, FORGET_WORDS), tmp_path / "cyber-forget-corpus.jsonl", field=None)
-    retain = write_jsonl(synthetic_texts(140, 3, RETAIN_WORDS), tmp_path / "wikitext.jsonl")
+    model_dir, bio, cyber, retain = save_tiny_model_and_corpora(tmp_path, tiny_tokenizer, 140)
     q = [{"question": f"Which host does pathogen {i} infect?", "choices": ["bats", "mice", "birds", "pigs"],
           "answer": i % 4} for i in range(6)]
     mcq = {s: write_mcq(q, tmp_path / f"{s}.jsonl") for s in ("bio", "cyber", "general")}

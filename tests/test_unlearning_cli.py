@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 
-from rmu_analysis.data import write_jsonl, write_mcq
+from rmu_analysis.data import write_mcq
 from rmu_analysis.unlearning import AdaptiveRMUConfig, RMUConfig, config_from_dict
 from rmu_analysis.cli import main
 from rmu_analysis.unlearning.cli import add_evaluate_parser, add_unlearn_parser, build_config
 
-from conftest import make_tiny_llama
-from test_unlearning import FORGET_WORDS, RETAIN_WORDS, synthetic_texts
+from conftest import save_tiny_model_and_corpora
 
 
 def parse(*argv):
@@ -38,12 +37,7 @@ def test_flags_build_the_same_dataclasses():
 
 
 def test_unlearn_then_evaluate_from_files(tiny_tokenizer, tmp_path, capsys):
-    model_dir = tmp_path / "base"
-    make_tiny_llama(len(tiny_tokenizer), n_layers=4).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    bio = write_jsonl(synthetic_texts(12, 1, FORGET_WORDS), tmp_path / "bio-forget-corpus.jsonl")
-    cyber = write_jsonl(synthetic_texts(12, 2, FORGET_WORDS), tmp_path / "cyber-forget-corpus.jsonl", field=None)
-    retain = write_jsonl(synthetic_texts(12, 3, RETAIN_WORDS), tmp_path / "wikitext.jsonl")
+    model_dir, bio, cyber, retain = save_tiny_model_and_corpora(tmp_path, tiny_tokenizer, 12)
     out = tmp_path / "unlearned"
     assert main(["unlearn", "--model", str(model_dir), "--method", "rmu", "--layer", "2", "--steps", "4", "--coeff", "20",
                  "--forget-files", str(bio), str(cyber), "--retain-file", str(retain), "--forget-max-length", "16",
