@@ -43,7 +43,7 @@ __all__ = [
     "run_one", "run_sweep", "SweepOutcome", "parse_shard", "shard_specs", "load_results", "valid_layers",
     "layer_sweep_grid", "coefficient_grid", "table1_grid", "ExperimentPlan", "organism_plan", "model_plan",
     "plan_grids", "forget_norms", "layer_table", "layer_targets", "early_late", "collapse_points",
-    "collapse_summary", "table1_select", "table1_frame", "table1_markdown", "frame_markdown", "spearman", "isotonic_decreasing",
+    "collapse_summary", "table1_select", "table1_frame", "table1_markdown", "frame_markdown", "spearman", "isotonic_decreasing", "token_norms",
     "add_sweep_parser",
 ]
 
@@ -819,18 +819,27 @@ def model_plan(n_blocks: int, *, model: str, data: str, c: float = 6.5, layer: i
 def forget_norms(bench: Workbench, layers: Iterable[int], settings: EvalSettings | None = None) -> dict[int, float]:
     """‖h_l‖ of the frozen model at each block: mean token norm on the held-out forget texts (BOS excluded),
     averaged over topics — the scale c is compared with."""
-    from .alignment import alignment
-
     settings = settings or EvalSettings()
     forget_eval = bench.split(settings, 0)[2]
     layers = sorted(set(layers))
     per_topic = []
     for texts in forget_eval.values():
-        u = torch.ones(int(bench.model.get_input_embeddings().weight.shape[1]))
-        a = alignment(bench.model, list(texts), u, layers, tokenizer=bench.tokenizer, exclude_bos=True,
-                      batch_size=settings.batch_size)
-        per_topic.append([float(a.norm(l, "token").mean()) for l in layers])
+        norms = token_norms(bench, list(texts), layers, batch_size=settings.batch_size)
+        per_topic.append([float(norms[l].mean()) for l in layers])
     return {l: float(np.mean([p[i] for p in per_topic])) for i, l in enumerate(layers)}
+
+
+def token_norms(bench: Workbench, texts: Sequence[str], layers: Iterable[int], *, batch_size: int = 32
+                ) -> dict[int, torch.Tensor]:
+    """Per-token ‖h^(l)‖ of ``texts`` (real tokens, BOS excluded) at each of ``layers``, from one pass of the
+    frozen model."""
+    from .alignment import alignment
+
+    layers = list(layers)
+    u = torch.ones(int(bench.model.get_input_embeddings().weight.shape[1]))  # any u: only the norms are read
+    a = alignment(bench.model, list(texts), u, layers, tokenizer=bench.tokenizer, exclude_bos=True,
+                  batch_size=batch_size)
+    return {l: a.norm(l, "token") for l in layers}
 
 
 def plan_grids(plan: ExperimentPlan, norms: Mapping[int, float] | None = None) -> dict[str, list[RunSpec]]:
