@@ -23,7 +23,7 @@ import torch
 from ._io import atomic_write_json, atomic_write_text
 from .experiments import (
     EvalSettings, ExperimentPlan, Workbench, _LazyBench, collapse_points, collapse_summary, early_late, layer_table,
-    layer_targets, load_results, organism_plan, plan_grids, plan_norms, run_sweep, spearman, table1_frame,
+    layer_targets, load_results, organism_plan, plan_grids, plan_norms, run_sweep, spearman, table1_frame, token_norms,
     training_texts,
     frame_markdown, table1_markdown, table1_select,
 )
@@ -113,7 +113,7 @@ def _extra_theory(bench: Workbench, out_dir: Path, plan: ExperimentPlan, quick: 
     u = random_direction(d, "uniform", seed=0)
     topic = bench.data.topics[0]
     texts = list(bench.split(settings, 0)[2][topic])
-    norm = float(np.mean([a for a in _token_norms(bench, texts, layer)]))
+    norm = float(np.mean(token_norms(bench, texts, [layer])[layer].tolist()))
     coeff = plan.beta * norm
     records = list(bench.data.mcq[topic][: 8 if quick else 24])
     out: dict[str, Any] = {}
@@ -163,14 +163,6 @@ def _extra_theory(bench: Workbench, out_dir: Path, plan: ExperimentPlan, quick: 
     if not quick:  # it trains one more model
         out["input_gradients"] = grads()
     return out
-
-
-def _token_norms(bench: Workbench, texts: list[str], layer: int) -> list[float]:
-    from .alignment import alignment
-
-    a = alignment(bench.model, texts, torch.ones(bench.model.get_input_embeddings().weight.shape[1]), [layer],
-                  tokenizer=bench.tokenizer, exclude_bos=True)
-    return a.norm(layer, "token").tolist()
 
 
 def convergence_check(frame: pd.DataFrame) -> dict[str, Any]:
