@@ -220,7 +220,8 @@ def summarize(frames: dict[str, pd.DataFrame], plan: ExperimentPlan, theory: dic
         out["early_late_split"] = split
         out["early_late"] = early_late(layer, split).round(4).to_dict(orient="records")
         out["layer_table"] = layer_table(layer).round(4).to_dict(orient="records")
-    steering = pd.concat([f for f in (frames["coefficient"], layer, frames["table1"]) if len(f)], ignore_index=True)
+    parts = [f for f in (frames["coefficient"], layer, frames["table1"]) if len(f)]
+    steering = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if len(steering):
         points = collapse_points(steering.drop_duplicates("key"))
         if len(points):

@@ -166,3 +166,12 @@ def test_sweep_on_a_saved_model_from_files_resumes_and_shards(tiny_tokenizer, tm
     frame = E.load_results(results)
     assert set(frame["method"]) == {"ga", "graddiff", "npo", "rmu", "adaptive-rmu"} and (frame["layer"] == 2).all()
     assert frame["general_acc"].between(0, 1).all() and (frame["steps"] == 2).all()
+
+
+def test_reproduce_theory_only(tiny, tmp_path):
+    data, tok = tiny
+    model = make_tiny_llama(len(tok), n_layers=4, hidden=32)
+    bench = E.Workbench(model, tok, data, model_id="tiny")
+    summary = R.reproduce(tmp_path, plan=tiny_plan(), bench=bench, progress=False, quick=True, experiments=("theory",))
+    assert "proposition1" in summary["theory"] and "layer_sweep" not in summary  # no sweep ran, nothing to concat
+    assert (tmp_path / "summary.md").is_file() and not (tmp_path / "results").exists()
