@@ -383,6 +383,33 @@ def test_bf16_model_trains_through_fp32_master_copies(tiny):
         assert changed_fast > 0.8 and changed_fast > 2 * changed_plain  # bf16 weights alone lose the small updates
 
 
+# ---------------------------------------------------------------------------- accelerate placement
+def _dispatch_with_disk_blocks(model, disk_blocks, offload_dir):
+    """The tiny model under an accelerate device_map with ``disk_blocks`` offloaded (weights on "meta", reloaded
+    at every forward): what device_map="auto" does to blocks that fit on no device."""
+    from accelerate import dispatch_model
+
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": "disk" if i in disk_blocks else "cpu" for i in range(len(decoder_blocks(model)))})
+    return dispatch_model(model, device_map=device_map, main_device="cpu", offload_dir=str(offload_dir))
+
+
+def test_offloaded_blocks_outside_the_trained_range_give_the_same_run(tiny, tmp_path):
+    cfg = tiny.config()  # l = 3, trained blocks 1-3: block 0 is the frozen prefix, block 4 is never run
+    plain = unlearn(tiny.model, tiny.tokenizer, tiny.forget, tiny.retain, cfg, progress=False)
+    model = _dispatch_with_disk_blocks(copy.deepcopy(tiny.model), (0, 4), tmp_path)
+    assert decoder_blocks(model)[0].mlp.down_proj.weight.device.type == "meta"
+    placed = unlearn(model, tiny.tokenizer, tiny.forget, tiny.retain, cfg, progress=False)
+    assert max_diff(placed.trained, plain.trained) <= 1e-6
+
+
+@pytest.mark.parametrize("run", [unlearn, unlearn_reference])
+def test_offloaded_trained_block_is_a_clear_error(tiny, tmp_path, run):
+    model = _dispatch_with_disk_blocks(copy.deepcopy(tiny.model), (2,), tmp_path)
+    with pytest.raises(ValueError, match=r"layers\.2\.mlp\.down_proj\.weight.*offloaded"):
+        run(model, tiny.tokenizer, tiny.forget, tiny.retain, tiny.config(), progress=False)
+
+
 # ------------------------------------------------------------------------------------ baselines
 def _nll(model, tok, texts) -> float:
     with reference_padding(tok):

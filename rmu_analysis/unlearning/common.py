@@ -165,15 +165,25 @@ def select_trained(model: nn.Module, layers: Sequence[int], pattern: str | None)
     blocks = decoder_blocks(model)
     prefix = block_path(model)
     out = []
+    offloaded = []
     for i in layers:
-        for name, _ in blocks[i].named_parameters():
+        for name, param in blocks[i].named_parameters():
             if regex.search(name):
                 out.append(TrainedTensor(i, name, f"{prefix}.{i}.{name}"))
+                if param.device.type == "meta":
+                    offloaded.append(f"{prefix}.{i}.{name}")
     if not out:
         names = sorted({n for n, _ in blocks[layers[0]].named_parameters()})
         raise ValueError(
             f"param_pattern {pattern!r} matches no parameter of blocks {list(layers)}; "
             f"block parameter names look like: {', '.join(names[:8])}"
+        )
+    if offloaded:  # accelerate's cpu/disk offload keeps them on "meta" and reloads them at every forward
+        raise ValueError(
+            f"trained tensors {offloaded[:3]}{' ...' if len(offloaded) > 3 else ''} are offloaded (device 'meta' under "
+            "device_map): the tensors that are trained must sit on a device. Give those blocks GPU memory, e.g. "
+            "load_model(path, device_map='auto', max_memory={0: '70GiB', 'cpu': '200GiB'}), or place blocks "
+            "first..l on a GPU with an explicit device_map; blocks outside first..l may stay offloaded"
         )
     return out
 
