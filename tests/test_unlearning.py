@@ -383,6 +383,20 @@ def test_bf16_model_trains_through_fp32_master_copies(tiny):
         assert changed_fast > 0.8 and changed_fast > 2 * changed_plain  # bf16 weights alone lose the small updates
 
 
+@pytest.mark.parametrize("run", [unlearn, unlearn_reference])
+def test_cudnn_attention_is_off_while_training_and_restored(tiny, run):
+    """cuDNN's attention backward gives NaN on left-padded bf16 batches (engine.no_cudnn_attention)."""
+    seen = []
+    handle = decoder_blocks(tiny.model)[2].register_forward_pre_hook(
+        lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    try:
+        run(tiny.model, tiny.tokenizer, tiny.forget, tiny.retain, tiny.config(steps=2), progress=False)
+    finally:
+        handle.remove()
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+
+
 # ---------------------------------------------------------------------------- accelerate placement
 def _dispatch_with_disk_blocks(model, disk_blocks, offload_dir):
     """The tiny model under an accelerate device_map with ``disk_blocks`` offloaded (weights on "meta", reloaded

@@ -216,13 +216,17 @@ def hidden_size(model: nn.Module) -> int:
 
 
 def draw_control_vectors(n: int, dim: int, seed: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """The reference construction (§2, §6): per topic ``torch.rand(1, 1, d)`` in the model dtype from a
-    generator seeded with ``seed``, divided by its norm. Returns unit vectors of shape (d,)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
+    """The reference construction (§2, §6): per topic ``torch.rand(1, 1, d)`` from a generator seeded with
+    ``seed``, divided by its norm. Returns unit vectors of shape (d,) in ``dtype`` on ``device``.
+
+    Drawn on the CPU in float32 and then cast and moved, so one seed gives the same vectors on every device
+    and in every precision (the reference draws on the model's device in its dtype: CUDA's generator gives
+    other numbers than the CPU's for the same seed, which made a GPU run incomparable with a CPU run)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for _ in range(n):
-        v = torch.rand(1, 1, dim, dtype=dtype, device=device, generator=gen)
-        out.append((v / torch.norm(v)).reshape(dim))
+        v = torch.rand(1, 1, dim, dtype=torch.float32, generator=gen)
+        out.append((v / torch.norm(v)).reshape(dim).to(device=device, dtype=dtype))
     return out
 
 
@@ -281,7 +285,7 @@ def mse(acts: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> 
     target = target.expand_as(acts)
     if mask is None:
         return F.mse_loss(acts, target)
-    m = mask.to(acts.dtype).unsqueeze(-1)
+    m = mask.to(acts.device, acts.dtype).unsqueeze(-1)  # block l may sit on another device than the inputs
     return ((acts - target) ** 2 * m).sum() / (m.sum().clamp_min(1) * acts.shape[-1])
 
 
@@ -290,17 +294,17 @@ def token_norm_mean(acts: torch.Tensor, mask: torch.Tensor | None, *, per_sample
     norms = acts.detach().float().norm(dim=-1)  # [B, T]
     if mask is None:
         return norms.mean(dim=1) if per_sample else norms.mean(dim=1).mean(dim=0)
-    m = mask.float()
+    m = mask.to(norms.device).float()
     per_seq = (norms * m).sum(dim=1) / m.sum(dim=1).clamp_min(1)
     return per_seq if per_sample else (norms * m).sum() / m.sum().clamp_min(1)
 
 
 def mean_cosine(acts: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None) -> float:
     """Mean cos(h, u) over the covered positions (the alignment of Fig. 2e–h)."""
-    cos = F.cosine_similarity(acts.detach().float(), u.float().reshape(1, 1, -1), dim=-1)
+    cos = F.cosine_similarity(acts.detach().float(), u.to(acts.device).float().reshape(1, 1, -1), dim=-1)
     if mask is None:
         return float(cos.mean())
-    m = mask.float()
+    m = mask.to(cos.device).float()
     return float((cos * m).sum() / m.sum().clamp_min(1))
 
 

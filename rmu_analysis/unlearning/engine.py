@@ -188,16 +188,37 @@ class PrefixCache:
 
 # --------------------------------------------------------------------------------- trained blocks
 @contextlib.contextmanager
+def no_cudnn_attention() -> Iterator[None]:
+    """Scaled-dot-product attention by any backend but cuDNN while gradients are taken (restored on exit).
+
+    cuDNN's bf16/fp16 attention backward returns NaN in the query gradient when an explicit mask is passed
+    and the sequence length is 64 mod 128 (pytorch/pytorch#196678, torch 2.11 on H100/H200): exactly the
+    left-padded batches of a training run. Measured here on an H200 (torch 2.11): the organism recipe in
+    bf16 went NaN at step 3 with cuDNN and trains with it off. Flash / memory-efficient / math stay enabled,
+    so CPU runs are unchanged.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        yield
+        return
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
+
+
+@contextlib.contextmanager
 def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) and ``requires_grad`` off for every model parameter; both restored on exit,
-    also on error. The trained tensors are separate leaves, so they are the only ones that get gradients."""
+    """Eval mode (no dropout), ``requires_grad`` off for every model parameter and no cuDNN attention
+    (``no_cudnn_attention``); all restored on exit, also on error. The trained tensors are separate leaves, so
+    they are the only ones that get gradients."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     training = model.training
     try:
         model.eval()
         for p, _ in flags:
             p.requires_grad_(False)
-        yield
+        with no_cudnn_attention():
+            yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
