@@ -44,7 +44,8 @@ def _organism_build(args: argparse.Namespace) -> int:
     from .organism.build import BuildConfig, build_organism, main_summary
 
     overrides = {"steps": args.steps, "n_layers": args.layers}
-    cfg = BuildConfig(seed=args.seed, threads=args.threads, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = BuildConfig(seed=args.seed, threads=args.threads, balanced_values=args.balanced_values,
+                      **{k: v for k, v in overrides.items() if v is not None})
     report = build_organism(args.out, cfg, overwrite=args.overwrite, progress=True)
     print(main_summary(report))
     return 0
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=None, help="training steps (default: the shipped model's)")
     b.add_argument("--layers", type=int, default=None, help="decoder blocks (default: the shipped model's)")
     b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--balanced-values", action="store_true",
+                   help="every attribute value answers equally many questions (the shipped organism: off)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     b.set_defaults(func=_organism_build)
     i = org_sub.add_parser("info", help="print the organism's build report")

@@ -47,6 +47,32 @@ def test_world_has_the_promised_structure():
     assert min(answers.count(i) for i in range(4)) > len(answers) / 8  # answer letters are spread
 
 
+def _frequency_prior_accuracy(questions) -> float:
+    """Accuracy of picking, in each question, the choice that answers its attribute most often in the set."""
+    from collections import Counter
+
+    count = Counter((q["attribute"], q["choices"][q["answer"]]) for q in questions)
+    return sum(max(range(4), key=lambda j: count[(q["attribute"], q["choices"][j])]) == q["answer"]
+               for q in questions) / len(questions)
+
+
+def test_balanced_values_spread_the_answers_evenly():
+    from collections import Counter
+
+    plain, balanced = W.generate_world(0), W.generate_world(0, balanced_values=True)
+    assert [f.entity for f in plain.facts] == [f.entity for f in balanced.facts]
+    for kind in ("pathogen", "exploit", "city"):
+        for attr in {f.attribute for f in balanced.facts if f.kind == kind}:
+            facts = [f for f in balanced.facts if f.kind == kind and f.attribute == attr]
+            counts = Counter(f.value for f in facts)
+            expected = len(facts) // len(facts[0].vocabulary)
+            assert set(counts.values()) <= {expected, expected + 1}, (kind, attr, counts)
+    # knowing how often each value answers an attribute: far above chance in the shipped world, near it balanced
+    assert _frequency_prior_accuracy(plain.mcq["bio"]) > 0.40
+    assert _frequency_prior_accuracy(balanced.mcq["bio"]) < 0.30
+    assert BuildConfig().balanced_values is False  # the shipped organism
+
+
 def test_questions_are_worded_differently_from_all_training_text():
     w = W.generate_world(0)
     assert not set(W.EVAL_QUESTION_FRAMES) & set(W.TRAIN_QUESTION_FRAMES)

@@ -55,10 +55,11 @@ class BuildConfig:
     n_entities: tuple[tuple[str, int], ...] = ()
     forget_docs: int = 400
     retain_docs: int = 800
+    balanced_values: bool = False  # see world.generate_world; the shipped organism: False
 
     def world(self) -> W.World:
         return W.generate_world(self.seed, dict(self.n_entities) or None, forget_docs=self.forget_docs,
-                                retain_docs=self.retain_docs)
+                                retain_docs=self.retain_docs, balanced_values=self.balanced_values)
 
 
 def model_config(cfg: BuildConfig, vocab_size: int, tokenizer):

@@ -269,16 +269,27 @@ def _filler(rng: random.Random) -> str:
     )
 
 
+def _balanced_values(vocab: tuple[str, ...], n: int, rng: random.Random) -> list[str]:
+    """``n`` values in random order, each value of ``vocab`` used n // len(vocab) or one more times."""
+    pool = list(vocab) * (n // len(vocab)) + rng.sample(list(vocab), n % len(vocab))
+    rng.shuffle(pool)
+    return pool
+
+
 def generate_world(
     seed: int = 0,
     n_entities: dict[str, int] | None = None,
     *,
     forget_docs: int = 400,
     retain_docs: int = 800,
+    balanced_values: bool = False,
 ) -> World:
     """Generate the world for ``seed``: entities, facts, forget/retain corpora and held-out MCQ sets.
 
-    Deterministic for a given seed and arguments (uses only ``random.Random(seed)``).
+    Deterministic for a given seed and arguments (uses only ``random.Random(seed)``). ``balanced_values``: every
+    value of an attribute is the answer for as many entities as every other (+-1) instead of drawn independently
+    per entity. The shipped organism draws them independently, so some values answer an attribute 4-5 times in 16
+    and knowing those frequencies alone scores 46% / 44% on its bio / cyber questions; balanced, 22% / 28%.
     """
     counts = {"pathogen": 16, "exploit": 16, "city": 12, "person": 12, "element": 12}
     if n_entities:
@@ -295,13 +306,13 @@ def generate_world(
                                                                            "element")}
     facts: list[Fact] = []
     for kind in ("pathogen", "exploit", "city", "person", "element"):
-        for ent in entities[kind]:
-            for attr, cues, vocab, natural in SCHEMA[kind]:
-                if isinstance(vocab, str):  # a link to another entity kind
-                    vocab_t = tuple(entities[vocab])
-                else:
-                    vocab_t = tuple(vocab)
-                facts.append(Fact(KIND_DOMAIN[kind], kind, ent, attr, cues, rng.choice(vocab_t), vocab_t, natural))
+        vocabs = {attr: tuple(entities[vocab]) if isinstance(vocab, str) else tuple(vocab)  # str: a link to a kind
+                  for attr, _, vocab, _ in SCHEMA[kind]}
+        pools = {attr: _balanced_values(v, len(entities[kind]), rng) for attr, v in vocabs.items()} if balanced_values else {}
+        for j, ent in enumerate(entities[kind]):
+            for attr, cues, _, natural in SCHEMA[kind]:
+                value = pools[attr][j] if balanced_values else rng.choice(vocabs[attr])
+                facts.append(Fact(KIND_DOMAIN[kind], kind, ent, attr, cues, value, vocabs[attr], natural))
     world = World(seed=seed, entities=entities, facts=facts)
 
     by_entity: dict[str, list[Fact]] = {}
