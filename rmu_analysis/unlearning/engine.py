@@ -192,10 +192,12 @@ def no_cudnn_attention() -> Iterator[None]:
     """Scaled-dot-product attention by any backend but cuDNN while gradients are taken (restored on exit).
 
     cuDNN's bf16/fp16 attention backward returns NaN in the query gradient when an explicit mask is passed
-    and the sequence length is 64 mod 128 (pytorch/pytorch#196678, torch 2.11 on H100/H200): exactly the
-    left-padded batches of a training run. Measured here on an H200 (torch 2.11): the organism recipe in
-    bf16 went NaN at step 3 with cuDNN and trains with it off. Flash / memory-efficient / math stay enabled,
-    so CPU runs are unchanged.
+    and the sequence length is 64 mod 128 (pytorch/pytorch#196678, torch 2.11 on H100/H200), and its forward
+    gives other values than every other backend on the padding rows of left-padded batches (which the
+    "reference" loss convention counts). Measured on an H200 with torch 2.11 (benchmarks/gpu_attention_check.py):
+    NaN gradients at length 64, a 79% gradient error at length 96; the organism recipe in bf16 went NaN at
+    step 3 with cuDNN and trains with it off. Flash / memory-efficient / math stay enabled, so CPU runs are
+    unchanged.
     """
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
