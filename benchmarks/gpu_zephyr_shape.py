@@ -13,8 +13,11 @@ text long enough to fill them), the reference's two topics alternating and shari
   ``torch.cuda.synchronize()`` around each run, so set-up (the reference's model copy) cancels out.
 - Peak memory: ``torch.cuda.max_memory_allocated()`` during a run minus the memory allocated before it (the
   base model's weights): what the run adds on top of the loaded model.
-- Evaluation: ``evaluate_mcq`` with letter scoring on synthetic WMDP-length questions (~190 tokens each),
-  questions per second, and from it the time for WMDP bio + cyber + MMLU (1273 + 1987 + 14042 questions).
+- Evaluation: ``evaluate_mcq`` with letter scoring on synthetic WMDP-length questions (~250-token prompts, the
+  answer letters single tokens as in Zephyr's tokenizer, so one forward pass per question), questions per
+  second, and from it the time for WMDP bio + cyber + MMLU (1273 + 1987 + 14042 questions). The one H200 run so
+  far (18 questions/s) predates this: its tokenizer split " A" into two tokens, so it timed four passes per
+  question over ~340-token prompts.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import warnings
 
 import torch
 
-from rmu_analysis.evaluation import evaluate_mcq
+from rmu_analysis.evaluation import evaluate_mcq, mcq_prompt
 from rmu_analysis.organism.tokenizer import train_tokenizer
 from rmu_analysis.unlearning import PRESETS, unlearn, unlearn_reference
 
@@ -38,6 +41,11 @@ N_QUESTIONS = {"wmdp-bio": 1273, "wmdp-cyber": 1987, "mmlu": 14042}
 
 def words(rng: random.Random, n: int) -> str:
     return " ".join("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(n))
+
+
+def _record(rng: random.Random) -> dict:
+    """A synthetic WMDP-length question: ~110 words, four 8-word choices."""
+    return {"question": words(rng, 110), "choices": [words(rng, 8) for _ in range(4)], "answer": rng.randrange(4)}
 
 
 def corpus(n: int, seed: int, n_words: int) -> list[str]:
@@ -106,7 +114,14 @@ def main(argv=None) -> int:
     out["n_params"] = sum(p.numel() for p in model.parameters())
     out["build_seconds"] = time.perf_counter() - t0
     print(f"model: {out['n_params'] / 1e9:.2f} B parameters, bf16, built in {out['build_seconds']:.0f} s on {out['device']}")
-    tok = train_tokenizer(corpus(300, 0, 200), vocab_size=600, min_frequency=1)
+    # the tokenizer also sees lettered MCQ prompts, so " A".." D" are single tokens as in Zephyr's tokenizer and
+    # evaluate_mcq takes its one-pass-per-question path (with two-token letters it needs four passes)
+    rng = random.Random(5)
+    mcq_texts = [mcq_prompt(_record(rng), "biology") + " " + "ABCD"[i % 4] for i in range(64)] * 20
+    tok = train_tokenizer(corpus(300, 0, 200) + mcq_texts, vocab_size=800, min_frequency=1)
+    letters = [tok(" " + x, add_special_tokens=False)["input_ids"] for x in "ABCD"]
+    if any(len(ids) != 1 for ids in letters):
+        raise RuntimeError(f"the benchmark tokenizer splits the answer letters: {letters}")
 
     n_texts = 4 * (args.steps + 1)  # per topic
     forget = {"bio": corpus(n_texts, 1, 800), "cyber": corpus(n_texts, 2, 800)}
@@ -138,18 +153,17 @@ def main(argv=None) -> int:
           f"{out['full_run_minutes_engine']:.1f} min (engine) vs {out['full_run_minutes_reference']:.1f} min (reference)")
 
     rng = random.Random(4)
-    records = [{"question": words(rng, 110), "choices": [words(rng, 8) for _ in range(4)], "answer": rng.randrange(4)}
-               for _ in range(args.questions)]
+    records = [_record(rng) for _ in range(args.questions)]
     evaluate_mcq(model, tok, records[:32], "biology", scoring="letter", batch_size=32)  # warm-up
     sync()
     t0 = time.perf_counter()
     evaluate_mcq(model, tok, records, "biology", scoring="letter", batch_size=32)
     sync()
     qps = args.questions / (time.perf_counter() - t0)
-    n_tokens = sum(len(tok(r["question"])["input_ids"]) for r in records[:16]) / 16
+    n_tokens = sum(len(tok(mcq_prompt(r, "biology"))["input_ids"]) for r in records[:16]) / 16
     out["eval_questions_per_second"] = qps
     out["eval_minutes_wmdp_mmlu"] = sum(N_QUESTIONS.values()) / qps / 60
-    print(f"evaluation: {qps:.0f} questions/s (~{n_tokens:.0f}-token questions, letter scoring, batch 32): "
+    print(f"evaluation: {qps:.0f} questions/s (~{n_tokens:.0f}-token prompts, letter scoring, one pass each, batch 32): "
           f"WMDP bio+cyber+MMLU ({sum(N_QUESTIONS.values())} questions) in {out['eval_minutes_wmdp_mmlu']:.1f} min")
     if args.json:
         with open(args.json, "w") as fh:
