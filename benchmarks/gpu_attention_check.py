@@ -15,22 +15,26 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rmu_analysis.organism import load_organism, organism_corpora
+from rmu_analysis.models import decoder_blocks
 from rmu_analysis.unlearning.common import mse, reference_padding, tokenize
+from rmu_analysis.unlearning.engine import run_blocks, run_prefix
 
 LAYER, TRAINED = 3, (1, 2, 3)
 
 
-def forget_grads(model, inputs, u, coeff):
-    params = [model.model.layers[i].mlp.down_proj.weight for i in TRAINED]
-    for p in model.parameters():
+def forget_grads(model, inputs, u, coeff, layer=LAYER, trained=TRAINED, mask=None):
+    """Block ``layer``'s output and the gradient of the RMU forget loss w.r.t. the MLP down-projections of blocks
+    ``trained``, through the engine's own path (frozen prefix, then the trained blocks; nothing after ``layer``)."""
+    blocks = decoder_blocks(model)
+    first = min(trained)
+    leaves = {i: blocks[i].mlp.down_proj.weight.detach().clone().requires_grad_(True) for i in trained}
+    for p in model.parameters():  # not engine.frozen_parameters: it would switch cuDNN off, the backend under test
         p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-        p.grad = None
-    h = model(**inputs, output_hidden_states=True).hidden_states[LAYER + 1]
-    loss = mse(h, coeff * u.to(h.device, h.dtype).reshape(1, 1, -1), None)
+    prefix = run_prefix(model, inputs, first, layer, frozen=False, blocks=blocks)
+    h = run_blocks(blocks, prefix, first, layer, {i: {"mlp.down_proj.weight": w} for i, w in leaves.items()})
+    loss = mse(h, coeff * u.to(h.device, h.dtype).reshape(1, 1, -1), mask)
     loss.backward()
-    return h.detach().float().cpu(), torch.cat([p.grad.float().flatten().cpu() for p in params])
+    return h.detach().float().cpu(), torch.cat([leaves[i].grad.float().flatten().cpu() for i in trained])
 
 
 def rel(a, b):

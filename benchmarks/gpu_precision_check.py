@@ -1,6 +1,6 @@
 """How far a bf16 run on the GPU is from an fp32 run on the CPU, and where the difference comes from.
 
-Run on a CUDA machine from the repository root: ``PYTHONPATH=.:tests python benchmarks/gpu_precision_check.py``
+Run on a CUDA machine from the repository root: ``PYTHONPATH=.:tests:benchmarks python benchmarks/gpu_precision_check.py``
 (``--cpu-only`` compares bf16 and fp32 on the CPU alone). For the test suite's tiny random Llama and for the
 organism (l = 3): the relative difference, against fp32 on the CPU, of
 - the forget-loss gradient w.r.t. the trained down-projections at the initial weights (one backward);
@@ -22,7 +22,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rmu_analysis.unlearning import engine, unlearn
-from rmu_analysis.unlearning.common import draw_control_vectors, loss_masks, mse, reference_padding, tokenize
+from rmu_analysis.unlearning.common import draw_control_vectors, loss_masks, reference_padding, tokenize
+from gpu_attention_check import forget_grads
 from test_unlearning import organism_case, tiny_case
 from conftest import TOKENIZER_TEXT
 from rmu_analysis.organism.tokenizer import train_tokenizer
@@ -40,19 +41,12 @@ def grad(case, device, dtype):
 
 def _grad(case, device, dtype):
     model = copy.deepcopy(case.model).to(device, dtype)
-    params = [model.model.layers[i].mlp.down_proj.weight for i in range(case.layer - 2, case.layer + 1)]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     with reference_padding(case.tokenizer):
         inputs = tokenize(case.tokenizer, list(case.forget[next(iter(case.forget))][:4]), case.forget_max_length[0],
                           torch.device(device))
     mask, _ = loss_masks(inputs, "masked", case.tokenizer.bos_token_id)
     u = draw_control_vectors(1, model.config.hidden_size, 0, torch.float32, torch.device(device))[0]
-    h = model(**inputs, output_hidden_states=True).hidden_states[case.layer + 1]
-    mse(h, (case.coeff * u).to(dtype).reshape(1, 1, -1), mask).backward()
-    return torch.cat([p.grad.float().flatten().cpu() for p in params])
+    return forget_grads(model, inputs, u, case.coeff, case.layer, tuple(range(case.layer - 2, case.layer + 1)), mask)[1]
 
 
 def run(case, device, dtype, steps):
