@@ -30,6 +30,7 @@ from torch import nn
 
 from .data import LETTERS, normalize_mcq_record
 from .models import ensure_pad_token, model_device, resolve_tokenizer
+from .stats import N_BOOT, Interval, PairedDifference, accuracy_interval, paired_difference
 
 __all__ = ["MCQResult", "evaluate_mcq", "mcq_prompt", "mcq_continuations", "format_subject"]
 
@@ -43,8 +44,11 @@ class MCQResult:
     ``logliks`` are the summed log-likelihoods of the four continuations, ``logliks_norm`` the same divided by
     the number of characters of each choice (lm-eval's ``acc_norm``). ``predictions``, ``probs`` (softmax over
     the four scores) and ``accuracy`` use ``logliks_norm`` when ``normalize`` is True, else ``logliks``;
-    ``accuracy_sum`` and ``accuracy_norm`` are both always given.
+    ``accuracy_sum`` and ``accuracy_norm`` are both always given. ``clusters``: one id per question (the fact it
+    asks about) when several questions share a fact, else None; :meth:`interval` and :meth:`compare` then resample
+    facts, not questions.
     """
+
 
     accuracy: float
     n: int
@@ -62,11 +66,32 @@ class MCQResult:
     subjects: tuple[str | None, ...]
     prompts: tuple[str, ...]
     truncated: int = 0
+    clusters: tuple | None = None
 
     @property
     def correct(self) -> np.ndarray:
         """Boolean array: prediction == answer."""
         return self.predictions == self.answers
+
+    def interval(self, level: float = 0.95, *, seed: int = 0, n_boot: int = N_BOOT, method: str = "bootstrap") -> Interval:
+        """``accuracy`` with a seeded bootstrap interval (cluster bootstrap over ``clusters`` when set)."""
+        return accuracy_interval(self.correct, self.clusters, level=level, n_boot=n_boot, seed=seed, method=method)
+
+    def compare(self, other: "MCQResult", level: float = 0.95, *, seed: int = 0, n_boot: int = N_BOOT) -> PairedDifference:
+        """Paired ``self.accuracy - other.accuracy`` on the same questions (bootstrap interval, p-value, McNemar)."""
+        if not isinstance(other, MCQResult):
+            raise TypeError(f"compare takes another MCQResult, got {type(other).__name__}")
+        if other.n != self.n or not np.array_equal(other.answers, self.answers):
+            raise ValueError(
+                f"the two results scored different questions ({self.n} vs {other.n} questions, or other answers): "
+                "evaluate both models on the same records in the same order"
+            )
+        if self.scoring == other.scoring and self.subjects == other.subjects and self.prompts != other.prompts:
+            raise ValueError("the two results have different prompts: evaluate both models on the same records")
+        if self.clusters is not None and other.clusters is not None and self.clusters != other.clusters:
+            raise ValueError("the two results group the questions into different clusters: use the same cluster_key")
+        clusters = self.clusters if self.clusters is not None else other.clusters
+        return paired_difference(self.correct, other.correct, clusters, level=level, n_boot=n_boot, seed=seed)
 
     def to_frame(self):
         """One row per question: subject, answer, prediction, correct, prob_A..D, loglik_A..D, loglik_norm_A..D."""
@@ -93,6 +118,7 @@ class MCQResult:
     def summary(self) -> dict:
         """Headline numbers as a plain dict (accuracy, n, chance, mean probability of the right answer...)."""
         idx = np.arange(self.n)
+        ci = self.interval()
         return {
             "scoring": self.scoring,
             "subject": self.subject,
@@ -105,6 +131,8 @@ class MCQResult:
             "mean_prob_answer": float(self.probs[idx, self.answers].mean()),
             "mean_max_prob": float(self.probs.max(axis=1).mean()),
             "truncated": self.truncated,
+            "accuracy_low": ci.low,
+            "accuracy_high": ci.high,
         }
 
 
@@ -275,6 +303,30 @@ def _subjects(subject: Any, n: int) -> list[str | None]:
     return subject
 
 
+def _clusters(recs: list[dict], cluster_key: str | Sequence[str] | None) -> tuple | None:
+    """One cluster id per record: ``record[key]``, or a tuple of fields; None: ``"fact_id"`` when every record has it."""
+    if cluster_key is None:
+        if all("fact_id" in r for r in recs):
+            cluster_key = "fact_id"
+        else:
+            return None
+    keys = (cluster_key,) if isinstance(cluster_key, str) else tuple(cluster_key)
+    if not keys:
+        return None
+    if not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"cluster_key must be a field name or a tuple of field names, got {cluster_key!r}")
+    for i, r in enumerate(recs):
+        missing = [k for k in keys if k not in r]
+        if missing:
+            raise ValueError(
+                f"record {i} has no field {missing[0]!r} for cluster_key={cluster_key!r} "
+                f"(fields present: {sorted(r)}): pass another cluster_key, or cluster_key=() for none"
+            )
+    if len(keys) == 1:
+        return tuple(r[keys[0]] for r in recs)
+    return tuple(tuple(r[k] for k in keys) for r in recs)
+
+
 def evaluate_mcq(
     model: nn.Module,
     tokenizer,
@@ -287,6 +339,7 @@ def evaluate_mcq(
     max_length: int | None = None,
     add_bos: bool | None = None,
     progress: bool = False,
+    cluster_key: str | Sequence[str] | None = None,
 ) -> MCQResult:
     """Zero-shot multiple-choice accuracy as lm-evaluation-harness computes it (PAPER.md §6, §7).
 
@@ -296,6 +349,8 @@ def evaluate_mcq(
     log-likelihood instead of the sum. ``batch_size``: sequences per forward pass. ``max_length``: longest
     input in tokens (default: the model's maximum; longer inputs lose tokens on the left, as in lm-eval).
     ``add_bos``: put the BOS token first (None: when the tokenizer adds one itself).
+    ``cluster_key``: the record field(s) naming the fact each question asks about, e.g. ``("entity", "attribute")``
+    (None: ``"fact_id"`` when every record has it, else no clusters; ``()``: none); see :meth:`MCQResult.interval`.
     The model runs in eval mode under ``torch.no_grad()``; its training flag is restored afterwards.
     """
     if scoring not in ("letter", "cloze"):
@@ -304,6 +359,7 @@ def evaluate_mcq(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     recs = _records(records)
     subjects = _subjects(subject, len(recs))
+    clusters = _clusters(recs, cluster_key)
     tokenizer = resolve_tokenizer(model, tokenizer)
     ensure_pad_token(tokenizer)
     pad_id = tokenizer.pad_token_id
@@ -418,4 +474,5 @@ def evaluate_mcq(
         subjects=tuple(subjects),
         prompts=tuple(contexts),
         truncated=truncated,
+        clusters=clusters,
     )

@@ -283,3 +283,60 @@ def test_letter_falls_back_when_letters_are_multi_token():
         ctx = mcq_prompt(rec, "biology")
         for j, cont in enumerate(mcq_continuations(rec)):
             assert res.logliks[i, j] == pytest.approx(_hand_loglik(model, tok, ctx, cont), abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ intervals
+
+
+def _fact_records() -> list[dict]:
+    """Four facts, three wordings each (questions about one fact share a ``fact_id``)."""
+    return [
+        dict(rec, question=f"{rec['question'].strip()} (wording {w})", fact_id=f"fact-{f}", entity=f"e{f}",
+             attribute="host")
+        for f, rec in enumerate(RECORDS) for w in range(3)
+    ]
+
+
+def test_interval_resamples_facts_on_the_tiny_model(tiny_llama, tok):
+    from rmu_analysis.stats import accuracy_interval
+
+    res = evaluate_mcq(tiny_llama, tok, _fact_records(), "biology")
+    assert res.clusters == tuple(f"fact-{f}" for f in range(4) for _ in range(3))  # "fact_id" found by default
+    ci = res.interval()
+    assert (ci.estimate, ci.method, ci.n, ci.n_clusters) == (res.accuracy, "cluster-bootstrap", 12, 4)
+    assert ci == accuracy_interval(res.correct, res.clusters, seed=0)
+    assert res.interval(seed=0) == ci and ci.low <= res.accuracy <= ci.high
+    by_fields = evaluate_mcq(tiny_llama, tok, _fact_records(), "biology", cluster_key=("entity", "attribute"))
+    assert by_fields.clusters[0] == ("e0", "host") and by_fields.interval() == ci  # the same grouping
+    plain = evaluate_mcq(tiny_llama, tok, _fact_records(), "biology", cluster_key=())
+    assert plain.clusters is None and plain.interval().method == "bootstrap"
+    assert evaluate_mcq(tiny_llama, tok, RECORDS).clusters is None  # no fact_id: questions are the units
+    with pytest.raises(ValueError, match="record 0 has no field 'fact'"):
+        evaluate_mcq(tiny_llama, tok, RECORDS, cluster_key="fact")
+
+    s = res.summary()
+    old = {"scoring", "subject", "n", "accuracy", "accuracy_sum", "accuracy_norm", "normalize", "chance",
+           "mean_prob_answer", "mean_max_prob", "truncated"}
+    assert set(s) == old | {"accuracy_low", "accuracy_high"}
+    assert (s["accuracy_low"], s["accuracy_high"]) == (ci.low, ci.high)
+
+
+def test_compare_is_paired_on_the_same_questions(tiny_llama, tok):
+    recs = _fact_records()
+    base = evaluate_mcq(tiny_llama, tok, recs, "biology")
+    other = evaluate_mcq(Bigram(len(tok), seed=3), tok, recs, "biology")
+    same = base.compare(base)
+    assert (same.diff, same.low, same.high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
+    d = base.compare(other)
+    assert d.diff == pytest.approx(base.accuracy - other.accuracy)
+    assert d.mcnemar_b == int((base.correct & ~other.correct).sum())
+    assert d.mcnemar_c == int((~base.correct & other.correct).sum())
+    assert d.method == "paired-cluster-bootstrap" and d.n_clusters == 4 and 0 < d.p_value <= 1
+    assert other.compare(base).diff == -d.diff
+    with pytest.raises(ValueError, match="scored different questions"):
+        base.compare(evaluate_mcq(tiny_llama, tok, recs[:6], "biology"))
+    shuffled = recs[1:] + recs[:1]  # same count, other order
+    with pytest.raises(ValueError, match="different questions|different prompts"):
+        base.compare(evaluate_mcq(tiny_llama, tok, shuffled, "biology"))
+    with pytest.raises(TypeError, match="another MCQResult"):
+        base.compare(0.5)

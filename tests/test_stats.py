@@ -169,6 +169,18 @@ def test_paired_false_positive_rate_is_near_the_level():
     assert 0.02 <= rejections / 200 <= 0.09
 
 
+def test_p_value_is_two_sided_and_agrees_with_the_interval():
+    borderline = 0
+    for k in range(100):
+        rng = np.random.default_rng(1000 + k)
+        a = rng.random(300) < 0.5
+        b = a ^ (rng.random(300) < 0.15)  # b flips 15% of a's answers: small differences either way
+        d = paired_difference(a, b, seed=k)
+        assert (d.p_value < 0.05) == d.significant()  # p < 1 - level exactly when the 95% interval excludes 0
+        borderline += 0.05 <= d.p_value < 0.1
+    assert borderline >= 3  # a one-sided p-value would call these significant
+
+
 def test_question_ids_must_align():
     a, b = _bernoulli(4, 0.5, 0), _bernoulli(4, 0.5, 1)
     assert paired_difference(a, b, ids_a=["q1", "q2", "q3", "q4"], ids_b=["q1", "q2", "q3", "q4"]).n == 4
