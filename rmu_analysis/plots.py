@@ -15,6 +15,7 @@ Numerical checks of the theory (:mod:`rmu_analysis.theory`):
 - :func:`plot_cosine_panels` — cos(h, u) with null baselines, one panel per model (Fig. 2e–h)
 - :func:`plot_norm_trajectories` — forget norm and forget loss during unlearning (Fig. 4)
 - :func:`plot_input_gradients` — one-hot input-gradient norms per model (the GCG argument, Eq. 20–22)
+- :func:`plot_intervals` — accuracies (or paired differences) with their 95% intervals as error bars
 - :func:`save_figure` — write a figure as a small PNG and close it (what the notebooks show)
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from matplotlib.ticker import MaxNLocator
 __all__ = [
     "plot_confidence", "plot_cosines", "plot_norms", "plot_noise_sensitivity", "plot_proposition1",
     "plot_confidence_vs_coeff", "plot_optimal_coefficient", "plot_accuracy_vs_coeff", "plot_cosine_panels",
-    "plot_norm_trajectories", "plot_input_gradients", "save_figure",
+    "plot_norm_trajectories", "plot_input_gradients", "plot_intervals", "save_figure",
 ]
 
 _METRIC_LABELS = {"max_logit": "MaxLogit (token confidence)", "max_prob": "max softmax probability",
@@ -323,6 +324,29 @@ def plot_input_gradients(results: Any, *, centered: bool = False, ax: Any = None
     ax.set_xlabel("")
     ax.set_ylabel("‖∂ log p(answer) / ∂ one-hot‖" + (" (centred)" if centered else ""))
     ax.set_title("input-gradient norm on forget questions")
+    return fig
+
+
+def plot_intervals(intervals: Any, *, reference: float | None = None, ax: Any = None):
+    """One row per label: the estimate with its interval as an error bar (:mod:`rmu_analysis.stats` results, e.g.
+    ``{"base": res.interval(), "RMU": rmu.interval()}`` or ``rmu.compare(base)``). ``reference``: a dashed line
+    (default: chance, 0.25, for accuracies; 0 for paired differences)."""
+    series = _as_mapping(intervals, "accuracy")
+    labels = list(series)
+    est = np.array([float(series[k].estimate) for k in labels])
+    low = np.array([float(series[k].low) for k in labels])
+    high = np.array([float(series[k].high) for k in labels])
+    diffs = all(hasattr(series[k], "diff") for k in labels)
+    if reference is None:
+        reference = 0.0 if diffs else 0.25
+    fig, ax = _axes(ax, (5, 0.5 + 0.45 * len(labels)))
+    y = np.arange(len(labels))[::-1]
+    ax.errorbar(est, y, xerr=[est - low, high - est], fmt="o", capsize=3)
+    ax.axvline(reference, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(y, labels)
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    level = getattr(series[labels[0]], "level", 0.95)
+    ax.set_xlabel(f"{'difference in accuracy' if diffs else 'accuracy'} ({100 * level:g}% interval)")
     return fig
 
 

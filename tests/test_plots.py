@@ -66,3 +66,23 @@ def test_noise_sensitivity_curve(tiny_llama):
     line = ax.get_lines()[0]
     assert list(line.get_xdata()) == [1, 2, 3]
     np.testing.assert_allclose(line.get_ydata(), res.phi_mean)
+
+
+def test_intervals_as_error_bars():
+    from rmu_analysis.stats import accuracy_interval, paired_difference
+
+    base = accuracy_interval([1] * 70 + [0] * 30)
+    rmu = accuracy_interval([1] * 30 + [0] * 70)
+    fig = plots.plot_intervals({"base": base, "RMU": rmu})
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["base", "RMU"]
+    points = ax.get_lines()[0]
+    np.testing.assert_allclose(points.get_xdata(), [0.7, 0.3])
+    segments = ax.collections[0].get_segments()  # one horizontal bar per row: low .. high
+    np.testing.assert_allclose(sorted((s[0][0], s[1][0]) for s in segments),
+                               sorted([(rmu.low, rmu.high), (base.low, base.high)]))
+    assert any(np.allclose(line.get_xdata(), 0.25) for line in ax.get_lines())  # chance
+    diff = paired_difference([1] * 70 + [0] * 30, [1] * 30 + [0] * 70)
+    fig2 = plots.plot_intervals({"base - RMU": diff})
+    assert any(np.allclose(line.get_xdata(), 0.0) for line in fig2.axes[0].get_lines())
+    assert "difference" in fig2.axes[0].get_xlabel()
