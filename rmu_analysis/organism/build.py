@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .._io import atomic_directory, atomic_write_json
+from .._io import atomic_directory, atomic_write_json, check_output_dir
 from . import world as W
 from .tokenizer import train_tokenizer
 
@@ -219,8 +219,7 @@ def build_organism(out_dir: str | Path | None = None, config: BuildConfig | None
 
     cfg = config or BuildConfig()
     out_dir = Path(out_dir) if out_dir is not None else ASSETS
-    if out_dir.exists() and not overwrite:  # fail before ten minutes of training, not after
-        raise FileExistsError(f"{out_dir} already exists: pass overwrite=True (--overwrite) to replace it")
+    check_output_dir(out_dir, overwrite=overwrite)  # fail before ten minutes of training, not after
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     world = cfg.world()
