@@ -4,10 +4,18 @@ Every config is a frozen dataclass: the CLI, the notebooks and the tests build t
 run records the exact object it used (``rmu_config.json``). Per-topic settings (c, β, α, forget max length)
 are a scalar applying to every topic or a tuple with one value per forget topic, in the order of the
 ``forget`` mapping; a tuple whose length differs from the topic count is an error before training.
+
+Every number is checked when the config is built, before any model is loaded: c and β must be finite and
+positive; α finite and ≥ 0 (α = 0 is allowed: the run has no retain term, only the forget term); learning rate,
+Adam ε finite and positive; steps, batch size and lengths positive ints. A length longer than the model's
+positions is cut to the positions when the run starts (``common.sequence_lengths``).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -20,6 +28,31 @@ LOSS_CONVENTIONS = ("reference", "masked")
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _check_int(name: str, value: Any, minimum: int = 1) -> None:
+    _check(_is_int(value) and value >= minimum, f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, *, zero_ok: bool = False, what: str = "", per_topic: bool = False) -> None:
+    """A finite real number, > 0 (or >= 0 with ``zero_ok``); a ``per_topic`` tuple is checked element by element."""
+    _check(per_topic or not isinstance(value, tuple), f"{name} is one number, got {value!r}")
+    values = value if isinstance(value, tuple) else (value,)
+    _check(len(values) > 0, f"{name} is an empty tuple: give one value, or one per topic")
+    bound = ">= 0" if zero_ok else "> 0"
+    for v in values:
+        _check(
+            _is_real(v) and (v >= 0 if zero_ok else v > 0),
+            f"{name} must be a finite number {bound}{what}, got {v!r}" + (f" in {value!r}" if len(values) > 1 else ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -61,12 +94,30 @@ class _UnlearnConfig:
         if isinstance(self.betas, list):
             object.__setattr__(self, "betas", tuple(self.betas))
         _check(isinstance(self.layer, int) and not isinstance(self.layer, bool), f"layer must be an int, got {self.layer!r}")
-        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
-        _check(self.retain_max_length >= 1, f"retain_max_length must be >= 1, got {self.retain_max_length}")
+        _check_int("steps", self.steps)
+        _check_int("batch_size", self.batch_size)
+        _check_number("lr", self.lr)
+        _check_int("log_every", self.log_every)
+        _check_int("retain_max_length", self.retain_max_length)
+        if self.forget_max_length is not None:
+            lengths = self.forget_max_length if isinstance(self.forget_max_length, tuple) else (self.forget_max_length,)
+            _check(len(lengths) > 0, "forget_max_length is an empty tuple: give one length, or one per topic")
+            for n in lengths:
+                _check_int("forget_max_length", n)
+        _check(_is_int(self.seed), f"seed must be an int, got {self.seed!r}")
+        _check_number("adam_eps", self.adam_eps)
+        _check_number("weight_decay", self.weight_decay, zero_ok=True)
+        _check(
+            isinstance(self.betas, tuple) and len(self.betas) == 2 and all(_is_real(b) and 0 <= b < 1 for b in self.betas),
+            f"betas must be two numbers in [0, 1), got {self.betas!r}",
+        )
+        if self.param_pattern is not None:
+            try:
+                re.compile(self.param_pattern)
+            except (re.error, TypeError) as exc:
+                raise ValueError(f"param_pattern {self.param_pattern!r} is not a regular expression: {exc}") from exc
         if self.trained_layers is not None:
+            _check(all(_is_int(t) for t in self.trained_layers), f"trained_layers must be ints, got {self.trained_layers!r}")
             _check(len(self.trained_layers) > 0, "trained_layers is empty: pass None for (l-2, l-1, l)")
             _check(
                 all(t <= self.layer for t in self.trained_layers),
@@ -120,6 +171,7 @@ class _SteeringConfig(_UnlearnConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.loss in LOSS_CONVENTIONS, f"loss must be one of {LOSS_CONVENTIONS}, got {self.loss!r}")
+        _check_number("alpha", self.alpha, zero_ok=True, what=" (0 = no retain term)", per_topic=True)
 
 
 @dataclass(frozen=True)
@@ -127,6 +179,10 @@ class RMUConfig(_SteeringConfig):
     """RMU (Eq. 1): ||h_upd(x_F) − c·u||² + α ||h_upd(x_R) − h_frozen(x_R)||², c = ``steering_coeff``."""
 
     steering_coeff: PerTopic = 6.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_number("steering_coeff (c)", self.steering_coeff, per_topic=True)
 
 
 @dataclass(frozen=True)
@@ -145,6 +201,7 @@ class AdaptiveRMUConfig(_SteeringConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_number("beta", self.beta, per_topic=True)
         _check(
             self.coefficient in ("first-batch", "per-sample"),
             f'coefficient must be "first-batch" or "per-sample", got {self.coefficient!r}',
@@ -176,6 +233,10 @@ class GradDiffConfig(_BaselineConfig):
 
     alpha: PerTopic = 1.0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_number("alpha", self.alpha, zero_ok=True, what=" (0 = no retain term)", per_topic=True)
+
 
 @dataclass(frozen=True)
 class NPOConfig(_BaselineConfig):
@@ -186,7 +247,8 @@ class NPOConfig(_BaselineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        _check_number("beta", self.beta)
+        _check_number("alpha", self.alpha, zero_ok=True, what=" (0 = no retain term)", per_topic=True)
 
 
 METHOD_NAMES: dict[type, str] = {
