@@ -152,13 +152,17 @@ def measure_confidence(
 
     Prompts are sorted by length and decoded ``batch_size`` at a time with ``padding_side`` padding and a KV
     cache; results come back in input order and equal a one-prompt-at-a-time loop. Prompts longer than the
-    model's context minus k are truncated on the left (the end of the prompt is kept), with a warning.
+    model's context minus k are truncated on the left (the end of the prompt is kept), with a warning. An empty
+    or whitespace-only prompt is a ``ValueError``.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
     if not prompts:
         raise ValueError("the prompt list is empty: pass at least one prompt")
+    blank = [i for i, p in enumerate(prompts) if isinstance(p, str) and not p.strip()]
+    if blank:  # it would score the token after BOS alone, the same for every such prompt
+        raise ValueError(f"prompt(s) {blank[:10]} are empty or whitespace only: pass prompts with text")
     if isinstance(generate, bool) or not isinstance(generate, int) or generate < 0:
         raise ValueError(f"generate must be an int ≥ 0 (number of tokens to decode), got {generate!r}")
     if batch_size < 1:

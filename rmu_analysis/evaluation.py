@@ -347,7 +347,8 @@ def evaluate_mcq(
     str, None (omitted), or one per record (e.g. ``[r["subject"] for r in records]`` for MMLU). ``scoring``:
     ``"letter"`` (" A".." D") or ``"cloze"`` (" " + choice). ``normalize``: predict from the per-character
     log-likelihood instead of the sum. ``batch_size``: sequences per forward pass. ``max_length``: longest
-    input in tokens (default: the model's maximum; longer inputs lose tokens on the left, as in lm-eval).
+    input in tokens (default: the model's maximum; longer inputs lose tokens on the left, as in lm-eval); a value
+    beyond the model's positions is cut to them, with a warning.
     ``add_bos``: put the BOS token first (None: when the tokenizer adds one itself).
     ``cluster_key``: the record field(s) naming the fact each question asks about, e.g. ``("entity", "attribute")``
     (None: ``"fact_id"`` when every record has it, else no clusters; ``()``: none); see :meth:`MCQResult.interval`.
@@ -357,6 +358,8 @@ def evaluate_mcq(
         raise ValueError(f"scoring must be 'letter' or 'cloze', got {scoring!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
+        raise ValueError(f"max_length must be None or an int of at least 2 tokens, got {max_length!r}")
     recs = _records(records)
     subjects = _subjects(subject, len(recs))
     clusters = _clusters(recs, cluster_key)
@@ -384,10 +387,13 @@ def evaluate_mcq(
                     "check the tokenizer (it merges the continuation into the context)"
                 )
 
+    positions = _model_max_length(model)
     if max_length is None:
-        max_length = _model_max_length(model)
-    if max_length is not None and max_length < 2:
-        raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+        max_length = positions
+    elif positions is not None and max_length > positions:  # beyond them the model runs past its context
+        warnings.warn(f"max_length={max_length} is more than the model's {positions} positions: using {positions}",
+                      stacklevel=2)
+        max_length = positions
 
     # Requests: (question, sequence, targets, choice indices). One pass per question when every continuation
     # is a single token, else one pass per (question, choice) with the input context + continuation[:-1].

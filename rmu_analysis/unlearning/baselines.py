@@ -21,7 +21,7 @@ from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidg
 from ..models import model_device
 from .common import (
     batch_texts, check_finite, mlp_tensors, prepare_corpora, reference_padding, resolve_layers, runnable_steps,
-    select_trained, step_batch, tokenize,
+    select_trained, sequence_lengths, step_batch, tokenize,
 )
 from .config import GAConfig, GradDiffConfig, NPOConfig
 from .engine import finish_result, frozen_parameters
@@ -52,7 +52,7 @@ def unlearn_baseline(
     n_topics = len(data.topics)
     _, trained_layers = resolve_layers(model, config)
     trained = select_trained(model, trained_layers, config.param_pattern) if config.params == "selected" else mlp_tensors(model)
-    max_lengths = config.per_topic("forget_max_length", n_topics, data.topics)
+    max_lengths, retain_length = sequence_lengths(model, config, data.topics)  # cut to the positions
     alphas = config.per_topic("alpha", n_topics, data.topics) if hasattr(config, "alpha") else (0.0,) * n_topics
     steps = runnable_steps(data, config.steps, config.batch_size)
     device = model_device(model)
@@ -90,7 +90,7 @@ def unlearn_baseline(
 
             retain_loss = torch.zeros(())
             if not isinstance(config, GAConfig):
-                retain_inputs = tokenize(tokenizer, batch_texts(data.retain[topic], batch, config.batch_size), config.retain_max_length, device)
+                retain_inputs = tokenize(tokenizer, batch_texts(data.retain[topic], batch, config.batch_size), retain_length, device)
                 retain_loss = mean_nll(forward(retain_inputs), retain_inputs)
                 (alphas[topic] * retain_loss).backward()
 

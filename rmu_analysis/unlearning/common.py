@@ -6,16 +6,18 @@ vectors, the two loss conventions and the per-step log row. Nothing here runs a 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._batching import context_length
 from ..models import block_path, check_layer, decoder_blocks, down_proj_pattern, num_blocks
 
 
@@ -40,25 +42,22 @@ def prepare_corpora(forget: Any, retain: Any) -> Corpora:
     of texts (a single topic ``forget``). ``retain``: one list of texts used with every topic (the reference
     uses the same wikitext for bio and cyber), or one list per topic (a dict with the forget topics as keys,
     or a list of lists).
+
+    Every text must be a string: a bare string where a list of texts belongs (it would be read one character
+    per text), ``None`` or any other type is a ``TypeError`` naming where it is. Empty and whitespace-only texts
+    hold nothing but BOS and padding (Adaptive RMU would then scale c by the BOS norm): they are dropped, with
+    one warning for all of them; a corpus left with no text is a ``ValueError``.
     """
     if isinstance(forget, Mapping):
         topics = tuple(str(t) for t in forget)
-        forget_lists = [forget[t] for t in forget]
-    elif _is_text_list(forget):
-        topics, forget_lists = ("forget",), [forget]
-    elif isinstance(forget, Sequence) and not isinstance(forget, str) and all(_is_text_list(f) for f in forget):
-        forget_lists = list(forget)
+        forget_lists = [_text_list(forget[t], f"forget[{t!r}]") for t in forget]
+    elif _is_list_of_lists(forget):
+        forget_lists = [_text_list(f, f"forget[{i}]") for i, f in enumerate(forget)]
         topics = tuple(f"topic{i}" for i in range(len(forget_lists)))
     else:
-        raise TypeError(
-            "forget must be a dict topic -> list of texts, a list of lists of texts, or a list of texts; "
-            f"got {type(forget).__name__}"
-        )
+        topics, forget_lists = ("forget",), [_text_list(forget, "forget")]
     if not topics:
         raise ValueError("forget has no topics: pass at least one non-empty list of forget texts")
-    for topic, texts in zip(topics, forget_lists):
-        if len(texts) == 0:
-            raise ValueError(f"the forget corpus of topic {topic!r} is empty: pass at least one text")
 
     if isinstance(retain, Mapping):
         missing = [t for t in topics if t not in retain]
@@ -68,31 +67,68 @@ def prepare_corpora(forget: Any, retain: Any) -> Corpora:
                 f"retain topics {list(map(str, retain))} do not match the forget topics {list(topics)} "
                 f"(missing {missing}, unexpected {extra}): pass one retain list per forget topic, or one list for all"
             )
-        retain_lists = [retain[t] for t in topics]
-    elif _is_text_list(retain):
-        retain_lists = [retain] * len(topics)
-    elif isinstance(retain, Sequence) and not isinstance(retain, str) and all(_is_text_list(r) for r in retain):
+        retain_lists = [_text_list(retain[t], f"retain[{t!r}]") for t in topics]
+        retain_names = [f"retain[{t!r}]" for t in topics]
+    elif _is_list_of_lists(retain):
         if len(retain) != len(topics):
             raise ValueError(
                 f"retain has {len(retain)} lists but forget has {len(topics)} topics {list(topics)}: "
                 "pass one retain list per forget topic, or a single list for all"
             )
-        retain_lists = list(retain)
+        retain_lists = [_text_list(r, f"retain[{i}]") for i, r in enumerate(retain)]
+        retain_names = [f"retain[{i}]" for i in range(len(retain))]
     else:
-        raise TypeError(f"retain must be a list of texts, a list of lists or a dict; got {type(retain).__name__}")
-    for topic, texts in zip(topics, retain_lists):
-        if len(texts) == 0:
-            raise ValueError(f"the retain corpus paired with topic {topic!r} is empty: pass at least one text")
-    return Corpora(
-        topics=topics,
-        forget=tuple(tuple(str(t) for t in f) for f in forget_lists),
-        retain=tuple(tuple(str(t) for t in r) for r in retain_lists),
+        retain_lists = [_text_list(retain, "retain")] * len(topics)
+        retain_names = ["retain"] * len(topics)
+
+    dropped: dict[str, int] = {}
+
+    def non_empty(texts: list[str], name: str, what: str) -> tuple[str, ...]:
+        kept = tuple(str(t) for t in texts if t.strip())
+        if len(kept) < len(texts):
+            dropped[name] = len(texts) - len(kept)
+        if not kept:
+            why = "is empty" if not texts else "holds only empty or whitespace-only texts"
+            raise ValueError(f"{what} {why}: pass at least one non-empty text")
+        return kept
+
+    forget_out = tuple(
+        non_empty(f, f"forget[{t!r}]", f"the forget corpus of topic {t!r}") for t, f in zip(topics, forget_lists)
     )
+    retain_out = tuple(
+        non_empty(r, name, f"the retain corpus paired with topic {t!r}")
+        for t, r, name in zip(topics, retain_lists, retain_names)
+    )
+    if dropped:
+        warnings.warn(
+            f"dropped {sum(dropped.values())} empty or whitespace-only texts "
+            f"({', '.join(f'{name}: {n}' for name, n in dropped.items())}): they hold no token but BOS and padding",
+            stacklevel=3,
+        )
+    return Corpora(topics=topics, forget=forget_out, retain=retain_out)
 
 
-def _is_text_list(obj: Any) -> bool:
-    return isinstance(obj, Sequence) and not isinstance(obj, str) and all(isinstance(t, str) for t in obj) and (
-        len(obj) == 0 or isinstance(obj[0], str)
+def _text_list(value: Any, name: str) -> list[str]:
+    """``value`` as a list of strings, or a ``TypeError`` naming ``name`` and the offending entry."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(
+            f"{name} is a single {type(value).__name__}, not a list of texts (it would be read one character per "
+            f"text): pass [text]"
+        )
+    if isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a list of texts (strings), got {type(value).__name__}")
+    texts = list(value)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{i}] is {text!r:.60} ({type(text).__name__}): every text must be a string")
+    return texts
+
+
+def _is_list_of_lists(obj: Any) -> bool:
+    """A non-empty sequence whose entries all are lists/tuples (one list of texts per topic)."""
+    return (
+        isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)) and len(obj) > 0
+        and all(isinstance(f, (list, tuple)) for f in obj)
     )
 
 
@@ -137,6 +173,31 @@ def reference_padding(tokenizer) -> Iterator[Any]:
         tokenizer.padding_side, tokenizer.truncation_side = saved[0], saved[1]
         if saved[2] is None:
             tokenizer.pad_token = None
+
+
+def sequence_lengths(model: nn.Module, config, topics: Sequence[str]) -> tuple[tuple[int, ...], int]:
+    """(forget truncation length per topic, retain truncation length), cut to the model's positions.
+
+    A length beyond ``max_position_embeddings`` would run the model past its context (or crash in the position
+    embedding). The default lengths (``forget_max_length=None``: 512 for the first topic, 768 for the others;
+    ``retain_max_length`` 512) are cut silently; a length the config sets is cut with a warning.
+    """
+    forget = tuple(config.per_topic("forget_max_length", len(topics), tuple(topics)))
+    retain = config.retain_max_length
+    limit = context_length(model)
+    if limit is None:
+        return forget, retain
+    default_retain = next(f.default for f in dataclasses.fields(config) if f.name == "retain_max_length")
+    cut = []
+    if config.forget_max_length is not None and max(forget) > limit:
+        cut.append(f"forget_max_length {config.forget_max_length}")
+    if retain > limit and retain != default_retain:
+        cut.append(f"retain_max_length {retain}")
+    if cut:
+        warnings.warn(
+            f"{' and '.join(cut)} exceed the model's {limit} positions: texts are cut at {limit} tokens", stacklevel=3
+        )
+    return tuple(min(n, limit) for n in forget), min(retain, limit)
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidg
 from ..models import decoder_blocks, model_device
 from .common import (
     TrainedTensor, batch_texts, check_finite, hidden_size, log_row, loss_masks, mse, prepare_control_vectors,
-    prepare_corpora, reference_padding, resolve_layers, runnable_steps, select_trained, step_batch,
+    prepare_corpora, reference_padding, resolve_layers, runnable_steps, select_trained, sequence_lengths, step_batch,
     token_norm_mean, tokenize,
 )
 from .config import AdaptiveRMUConfig, RMUConfig
@@ -270,7 +270,7 @@ def unlearn_rmu(
     first = min(trained_layers)
     trained = select_trained(model, trained_layers, config.param_pattern)
     alphas = config.per_topic("alpha", n_topics, data.topics)
-    max_lengths = config.per_topic("forget_max_length", n_topics, data.topics)
+    max_lengths, retain_length = sequence_lengths(model, config, data.topics)  # cut to the positions
     adaptive = isinstance(config, AdaptiveRMUConfig)
     coeffs = config.per_topic("beta" if adaptive else "steering_coeff", n_topics, data.topics)
     per_sample = adaptive and config.coefficient == "per-sample"
@@ -298,7 +298,7 @@ def unlearn_rmu(
             topic, batch = step_batch(step, n_topics)
             u = vectors[topic]
             forget_inputs = tokenize(tokenizer, batch_texts(data.forget[topic], batch, config.batch_size), max_lengths[topic], device)
-            retain_inputs = tokenize(tokenizer, batch_texts(data.retain[topic], batch, config.batch_size), config.retain_max_length, device)
+            retain_inputs = tokenize(tokenizer, batch_texts(data.retain[topic], batch, config.batch_size), retain_length, device)
             forget_mask, _ = loss_masks(forget_inputs, config.loss, bos)
             _, retain_mask = loss_masks(retain_inputs, config.loss, bos)
 

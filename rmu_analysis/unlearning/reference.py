@@ -16,7 +16,7 @@ from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidg
 from ..models import decoder_blocks, model_device, resolve_tokenizer
 from .common import (
     check_finite, batch_texts, hidden_size, log_row, loss_masks, mse, prepare_control_vectors, prepare_corpora,
-    reference_padding, resolve_layers, runnable_steps, select_trained, step_batch, token_norm_mean, tokenize,
+    reference_padding, resolve_layers, runnable_steps, select_trained, sequence_lengths, step_batch, token_norm_mean, tokenize,
 )
 from .config import AdaptiveRMUConfig, RMUConfig
 from .engine import frozen_parameters
@@ -53,7 +53,7 @@ def unlearn_reference(
     layer, trained_layers = resolve_layers(model, config)
     trained = select_trained(model, trained_layers, config.param_pattern)
     alphas = config.per_topic("alpha", n_topics, data.topics)
-    max_lengths = config.per_topic("forget_max_length", n_topics, data.topics)
+    max_lengths, retain_length = sequence_lengths(model, config, data.topics)  # cut to the positions
     coeffs = list(config.per_topic("steering_coeff" if isinstance(config, RMUConfig) else "beta", n_topics, data.topics))
     steps = runnable_steps(data, config.steps, config.batch_size)
     device = model_device(model)
@@ -84,7 +84,7 @@ def unlearn_reference(
             topic, batch = step_batch(step, n_topics)
             u = vectors[topic]
             unlearn_inputs = tokenize(tokenizer, batch_texts(data.forget[topic], batch, config.batch_size), max_lengths[topic], device)
-            retain_inputs = tokenize(tokenizer, batch_texts(data.retain[topic], batch, config.batch_size), config.retain_max_length, device)
+            retain_inputs = tokenize(tokenizer, batch_texts(data.retain[topic], batch, config.batch_size), retain_length, device)
             forget_mask, _ = loss_masks(unlearn_inputs, config.loss, bos)
             _, retain_mask = loss_masks(retain_inputs, config.loss, bos)
 
