@@ -15,6 +15,7 @@ Nothing here downloads anything: pass the path of a file you have.
 from __future__ import annotations
 
 import ast
+import contextlib
 import csv
 import json
 import os
@@ -39,7 +40,8 @@ __all__ = [
 LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
 
 _MCQ_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
-_SNIFF_LINES = 5
+#: Text files are read as UTF-8; a leading byte-order mark is ignored.
+_ENCODING = "utf-8-sig"
 
 
 class DataFormatError(ValueError):
@@ -65,10 +67,10 @@ def _parse_choices(value: Any, where: str) -> list[str]:
         parsed: Any = None
         try:
             parsed = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             try:
                 parsed = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
+            except Exception:  # any string that is not a Python literal (SyntaxError, TypeError, ...)
                 parsed = None
         if not isinstance(parsed, (list, tuple)):
             raise DataFormatError(
@@ -151,11 +153,44 @@ def normalize_mcq_record(record: Any, *, source: str = "records", index: int = 0
     return out
 
 
-def _check_path(path: str | os.PathLike) -> Path:
+def _check_path(path: str | os.PathLike, *, directory_ok: bool = False) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: pass the path of a local data file (nothing is downloaded)")
+    if path.is_dir() and not directory_ok:
+        raise IsADirectoryError(f"{path} is a directory: pass the path of one data file")
     return path
+
+
+def _decode_error(path: Path, exc: UnicodeDecodeError) -> DataFormatError:
+    """The first line of ``path`` that is not UTF-8, as an error naming the file and the line."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return DataFormatError(
+                    f"{path.name} line {lineno}: not valid UTF-8 (byte 0x{raw[bad.start]:02x} at byte {bad.start + 1} "
+                    "of the line): save the file as UTF-8"
+                )
+    return DataFormatError(f"{path.name}: not valid UTF-8 ({exc}): save the file as UTF-8")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def _decoding(path: Path) -> Iterator[None]:
+    """Turn a ``UnicodeDecodeError`` while reading ``path`` into an error naming the file and the line."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise _decode_error(path, exc) from exc
+
+
+def _check_nul(path: Path, lineno: int, line: str) -> None:
+    if "\x00" in line:
+        raise DataFormatError(
+            f"{path.name} line {lineno}: contains a NUL character, which UTF-8 text does not (is the file UTF-16?): "
+            "save the file as UTF-8"
+        )
 
 
 def _check_limit(limit: int | None) -> None:
@@ -165,9 +200,11 @@ def _check_limit(limit: int | None) -> None:
 
 def _read_json_records(path: Path, split: str | None) -> tuple[list, bool]:
     """Records of a .json file; second value: whether ``split`` was used as the key."""
+    with _decoding(path):
+        text = path.read_text(encoding=_ENCODING)
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise DataFormatError(f"{path.name}: not valid JSON ({exc}); JSON lines files should end in .jsonl") from exc
     if isinstance(obj, list):
         return obj, False
@@ -192,14 +229,16 @@ def _read_json_records(path: Path, split: str | None) -> tuple[list, bool]:
 
 def _read_jsonl(path: Path, hint: str = "") -> Iterator[tuple[int, Any]]:
     """(line number starting at 1, parsed object) for every non-empty line."""
-    with path.open(encoding="utf-8") as fh:
+    with _decoding(path), path.open(encoding=_ENCODING) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
+            _check_nul(path, lineno, line)
             try:
-                yield lineno, json.loads(line)
-            except ValueError as exc:
+                obj = json.loads(line)
+            except (ValueError, RecursionError) as exc:
                 raise DataFormatError(f"{path.name} line {lineno}: not valid JSON ({exc}){hint}") from exc
+            yield lineno, obj
 
 
 def _read_parquet(path: Path):
@@ -212,11 +251,21 @@ def _read_parquet(path: Path):
             f"reading {path.name} needs a parquet engine: pip install pyarrow (or convert the file to JSONL). "
             f"Original error: {exc}"
         ) from exc
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid / ArrowIOError
+        raise DataFormatError(f"{path.name}: not a readable parquet file ({exc})") from exc
 
 
 def _read_csv_records(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        rows = [row for row in csv.reader(fh) if row]
+    try:
+        with _decoding(path), path.open(encoding=_ENCODING, newline="") as fh:
+            reader = csv.reader(fh)
+            rows = []
+            for row in reader:
+                if row:
+                    _check_nul(path, reader.line_num, "".join(row))
+                    rows.append(row)
+    except csv.Error as exc:
+        raise DataFormatError(f"{path.name} line {reader.line_num}: not readable as CSV ({exc})") from exc
     if not rows:
         return []
     head = [c.strip().lower() for c in rows[0]]
@@ -280,7 +329,7 @@ def load_mcq(path: str | os.PathLike, *, split: str | None = None, limit: int | 
     name (``anatomy_test.csv`` -> ``"anatomy"``). ``limit`` keeps the first ``limit`` records.
     """
     _check_limit(limit)
-    path = _check_path(path)
+    path = _check_path(path, directory_ok=True)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _MCQ_SUFFIXES)
         if not files:
@@ -315,24 +364,38 @@ def _strip_line_end(line: str) -> str:
 def _is_text_record(line: str) -> bool:
     try:
         obj = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(obj, dict) and isinstance(obj.get("text"), str)
 
 
 def _sniff_corpus_format(path: Path) -> str:
-    """"jsonl" when the first non-empty lines all parse as JSON objects with a "text" string, else "lines"."""
-    seen = 0
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
+    """Read the whole file: "jsonl" when every non-empty line is a JSON object with a "text" string, "lines" when
+    none is. A file with both kinds of line is an error naming one line of each (a malformed line in a JSON lines
+    file must not turn every line, JSON included, into a raw text)."""
+    record = other = None
+    with _decoding(path), path.open(encoding=_ENCODING) as fh:
+        for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            if not _is_text_record(line):
-                return "lines"
-            seen += 1
-            if seen >= _SNIFF_LINES:
+            if _is_text_record(line):
+                record = record or lineno
+            else:
+                other = other or (lineno, line)
+            if record and other:
                 break
-    return "jsonl" if seen else "lines"
+    if record and other:
+        lineno, line = other
+        try:
+            json.loads(line)
+            reason = "valid JSON but not an object with a 'text' string"
+        except (ValueError, RecursionError) as exc:
+            reason = f"not valid JSON ({exc})"
+        raise DataFormatError(
+            f"{path.name} line {lineno}: {reason}, while line {record} is a JSON object with a 'text' string: fix "
+            "that line, or pass format='lines' (unlearn --forget-format lines) to take every raw line as a text"
+        )
+    return "jsonl" if record else "lines"
 
 
 def _keep(texts: Iterable[str], min_chars: int, limit: int | None) -> list[str]:
@@ -361,8 +424,9 @@ def _jsonl_texts(path: Path, field: str = "text", hint: str = "") -> Iterator[st
 
 
 def _raw_lines(path: Path, keep_line_end: bool) -> Iterator[str]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        for line in fh:
+    with _decoding(path), path.open(encoding=_ENCODING, newline="") as fh:
+        for lineno, line in enumerate(fh, 1):
+            _check_nul(path, lineno, line)
             yield line if keep_line_end else _strip_line_end(line)
 
 
@@ -377,8 +441,10 @@ def load_forget_corpus(
     """Forget-corpus texts (PAPER.md §6): ``bio-forget-corpus.jsonl`` or ``cyber-forget-corpus.jsonl``.
 
     ``format``: ``"jsonl"`` reads the ``"text"`` field of each JSON line (bio); ``"lines"`` takes each raw
-    line as a text, even a line that happens to be valid JSON (cyber); ``"auto"`` picks ``"jsonl"`` when the
-    first non-empty lines all are JSON objects with a ``"text"`` string. Empty lines are skipped; texts with
+    line as a text, even a line that happens to be valid JSON (cyber); ``"auto"`` reads the whole file and picks
+    ``"jsonl"`` when every non-empty line is a JSON object with a ``"text"`` string, ``"lines"`` when none is,
+    and raises ``DataFormatError`` naming the lines when some are and some are not. Files are UTF-8 (a leading
+    byte-order mark is ignored); a line that is not is an error naming it. Empty lines are skipped; texts with
     fewer than ``min_chars`` characters are dropped (the reference code keeps ``len > 50``, i.e.
     ``min_chars=51``). In ``"lines"`` mode the line end is removed unless ``keep_line_end=True`` (the reference
     code keeps it).
@@ -407,9 +473,11 @@ def load_text_corpus(path: str | os.PathLike, *, min_chars: int = 0, limit: int 
     if suffix == ".jsonl":
         texts: Iterable[str] = _jsonl_texts(path)
     elif suffix == ".json":
+        with _decoding(path):
+            text = path.read_text(encoding=_ENCODING)
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as exc:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as exc:
             raise DataFormatError(f"{path.name}: not valid JSON ({exc})") from exc
         if not isinstance(obj, list):
             raise DataFormatError(f"{path.name}: expected a JSON list of strings or of {{'text': ...}} objects")

@@ -218,11 +218,12 @@ def test_bio_and_cyber_forget_formats(tmp_path):
 
 def test_forget_corpus_sniffing_and_empty_lines(tmp_path):
     p = tmp_path / "c.jsonl"
-    # every line valid JSON with "text" except a later one: sniffing looks at the first lines only
     p.write_text("\n".join(json.dumps({"text": f"t{i}"}) for i in range(3)) + "\n\n   \n")
     assert load_forget_corpus(p) == ["t0", "t1", "t2"]
     p.write_text('{"text": "a"}\nplain line\n')
-    assert load_forget_corpus(p) == ['{"text": "a"}', "plain line"]  # mixed -> raw lines
+    with pytest.raises(DataFormatError, match="c.jsonl line 2: .* while line 1 is a JSON object"):
+        load_forget_corpus(p)  # mixed: an error, not every line read as raw text
+    assert load_forget_corpus(p, format="lines") == ['{"text": "a"}', "plain line"]
     p.write_text("")
     assert load_forget_corpus(p) == []
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
