@@ -6,6 +6,9 @@ block, i.e. ``hidden_states[l + 1]`` of an HF forward pass with ``output_hidden_
 from __future__ import annotations
 
 import os
+import re
+import socket
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any
@@ -120,6 +123,32 @@ def _resolve_dtype(dtype: Any) -> torch.dtype | None:
     return table[dtype]
 
 
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path, not a hub id ("name" or "org/name")."""
+    if name.startswith((".", "~")) or os.path.isabs(name) or (os.sep != "/" and os.sep in name):
+        return True
+    if not _HUB_ID.fullmatch(name):  # more than one "/", spaces, ...: no hub id looks like that
+        return True
+    head = name.split("/")[0]
+    return "/" in name and os.path.lexists(head)  # "runs/typo" beside an existing ./runs
+
+
+def _hub_offline() -> str | None:
+    """Why the hub cannot be reached (an offline flag is set, its host does not resolve), or None."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.getaddrinfo(host or "huggingface.co", 443)
+    except OSError:
+        return f"{host} does not resolve"
+    return None
+
+
 def load_model(
     name_or_path: str | os.PathLike = "organism",
     dtype: Any = None,
@@ -132,7 +161,10 @@ def load_model(
 
     Returns ``(model, tokenizer)`` (``tokenizer`` is None when ``tokenizer=False``). The model is put in
     eval mode. ``trust_remote_code`` stays False unless the caller asks for it. ``device_map="auto"`` places
-    a model that does not fit one GPU across devices (needs accelerate).
+    a model that does not fit one GPU across devices (needs accelerate). A name that can only be a local path
+    (``./x``, ``~/x``, an absolute path, ``a/b/c``, or ``runs/x`` beside an existing ``./runs``) and does not
+    exist is a ``FileNotFoundError`` at once, without asking the hub; with ``HF_HUB_OFFLINE`` set, or when the
+    hub's host does not resolve, a hub name is looked up in the local cache only (no request, no retries).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -145,8 +177,15 @@ def load_model(
             model = model.to(torch_dtype)
         return model, (tok if tokenizer else None)
 
-    path = Path(name_or_path).expanduser()
-    looks_local = path.exists() or str(name_or_path).startswith((".", "/", "~"))
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    looks_local = os.path.lexists(path) or _looks_like_path(name)
+    if looks_local and not path.exists():
+        nearest = next((q for q in path.parents if q.exists()), None)
+        hint = f" ({nearest} exists: check the rest of the path)" if nearest not in (None, Path("."), Path.cwd()) else ""
+        raise FileNotFoundError(
+            f"the model directory {path} does not exist{hint}: a local path is never looked up on the hub"
+        )
     if looks_local and not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path} is not a Hugging Face model directory: {path / 'config.json'} does not exist"
@@ -157,18 +196,24 @@ def load_model(
         kwargs["dtype"] = torch_dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    src = str(path) if looks_local else str(name_or_path)
+    src = str(path) if looks_local else name
+    offline = None if looks_local else _hub_offline()
+    if offline is not None:  # the local cache only: no request, no retries
+        kwargs["local_files_only"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except OSError as exc:
         if looks_local:
             raise
+        where = (f"the hub is not reachable ({offline}) and it is not in the local cache" if offline
+                 else "the hub did not serve it (no network here?)")
         raise OSError(
-            f"could not load {src!r} from the hub (no network here?). Download the model elsewhere and pass "
-            f"its local directory instead. Original error: {exc}"
+            f"could not load {src!r}: it is not a local directory, and {where}. Download the model elsewhere and "
+            f"pass its local directory instead. Original error: {' '.join(str(exc).split())[:300]}"
         ) from exc
     model.eval()
-    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code) if tokenizer else None
+    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code,
+                                        **({"local_files_only": True} if offline else {})) if tokenizer else None
     if tok is not None:
         ensure_pad_token(tok)
     return model, tok
