@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--balanced-values", action="store_true",
                    help="every attribute value answers equally many questions (the shipped organism: off)")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory that rmu-analysis wrote (any other is refused)")
     b.set_defaults(func=_organism_build)
     i = org_sub.add_parser("info", help="print the organism's build report")
     i.add_argument("--path", default=None)
@@ -105,13 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Errors reported as one line and exit status 2 (like argparse's usage errors); anything else is a bug and
+#: keeps its traceback. OSError covers FileExistsError, PermissionError, IsADirectoryError, a full disk, ...
+REPORTED_ERRORS = (ValueError, TypeError, OSError, FloatingPointError, ImportError)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for the terminal; an ``OSError`` from the system names its path(s)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        paths = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        text = f"{paths}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as exc:
-        print(f"rmu-analysis: error: {exc}", file=sys.stderr)
+    except REPORTED_ERRORS as exc:
+        print(f"rmu-analysis: error: {error_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .._io import check_output_dir, check_output_file
 from .config import CONFIG_CLASSES, PRESETS
 
 METHODS = tuple(CONFIG_CLASSES)
@@ -43,9 +44,12 @@ def add_unlearn_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--forget-topics", nargs="+", help="topic names (default: from the files, or the organism's)")
     p.add_argument("--forget-files", nargs="+", type=Path, help="one forget corpus per topic (.jsonl 'text' or lines)")
     p.add_argument("--retain-file", nargs="+", type=Path, help="one retain corpus for all topics, or one per topic")
+    p.add_argument("--forget-format", choices=("auto", "jsonl", "lines"), default="auto",
+                   help='forget files: "jsonl" ("text" field), "lines" (one raw text per line) or "auto" (from the file)')
     p.add_argument("--min-chars", type=int, default=0, help="drop shorter texts (the reference keeps len > 50)")
-    p.add_argument("--out", type=Path, required=True, help="output directory (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--out", type=Path, required=True, help="output directory (written atomically; checked before training)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that rmu-analysis wrote (any other directory is refused)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--device-map", default=None, help='"auto" to spread a large model over GPUs (accelerate)')
@@ -141,7 +145,8 @@ def _read_data(args):
         topics = args.forget_topics or [f.stem.replace("-forget-corpus", "") for f in args.forget_files]
         if len(topics) != len(args.forget_files):
             raise ValueError(f"{len(topics)} --forget-topics for {len(args.forget_files)} --forget-files")
-        forget = {t: load_forget_corpus(f, min_chars=args.min_chars) for t, f in zip(topics, args.forget_files)}
+        forget = {t: load_forget_corpus(f, min_chars=args.min_chars, format=args.forget_format)
+                  for t, f in zip(topics, args.forget_files)}
         if not args.retain_file:
             raise ValueError("--forget-files needs --retain-file")
     elif args.model == "organism":
@@ -169,7 +174,8 @@ def _read_data(args):
 def run_unlearn(args) -> int:
     from . import save_unlearned, unlearn
 
-    config = build_config(args)
+    config = build_config(args)  # every number checked here, before data, model or training
+    check_output_dir(args.out, overwrite=args.overwrite)  # and the output: not after 500 steps
     forget, retain = _read_data(args)
     model, tok = _load(args)
     result = unlearn(model, tok, forget, retain, config, inplace=False, progress=not args.no_progress)
@@ -188,6 +194,14 @@ def run_evaluate(args) -> int:
     from ..confidence import measure_confidence
     from ..evaluation import evaluate_mcq, mcq_prompt
 
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1 (questions per topic), got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.generate < 0:
+        raise ValueError(f"--generate must be at least 0, got {args.generate}")
+    if args.json is not None:
+        check_output_file(args.json)
     subjects = dict(SUBJECTS)
     if args.data:
         from ..data import load_mcq
