@@ -1,0 +1,291 @@
+"""Train the testbed-v2 organism (``rmu-analysis organism build``): the v2 world, lettered answers learned.
+
+Same model family and loop as v1 (:mod:`rmu_analysis.organism.build`); what differs is the world
+(:mod:`rmu_analysis.organism.world_v2`) and the training stream, which adds content-free choice-matching drills so
+that the model learns to answer the lm-evaluation-harness template (find the listed choice that matches the value
+it recalls and say its letter), not only cloze questions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import world_v2 as V
+from .build import _batches, _param_groups, block_norms, model_config
+from .tokenizer import train_tokenizer
+
+#: Stream components, in the order of ``BuildConfigV2.mix``.
+COMPONENTS = ("doc", "statement", "letter", "cloze", "drill", "key")
+
+
+@dataclass(frozen=True)
+class BuildConfigV2:
+    """Organism-v2 hyperparameters (defaults: the shipped model)."""
+
+    seed: int = 0
+    n_layers: int = 12
+    hidden: int = 128
+    heads: int = 4
+    mlp: int = 384
+    vocab_size: int = 1024
+    max_positions: int = 512
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 1.5e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 60
+    weight_decay: float = 0.0
+    embed_init_std: float = 0.002
+    init_std: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.98)
+    # sampling weights of COMPONENTS: corpus documents, statements, lettered questions, cloze questions,
+    # lettered matching drills ("which option is X?"), answer-key drills (four choices, then "X: C" lines)
+    mix: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.1, 0.1)
+    warmup_mix: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.5, 0.5)
+    warmup_mix_steps: int = 0
+    items_per_doc: int = 1  # questions / drills packed into one training sequence (blank line between)
+    answer_weight: float = 10.0
+    early_decay: float = 2.0
+    early_decay_span: float = 0.5
+    max_doc_tokens: int = 192
+    threads: int = 2
+    docs_per_entity: int = 12
+    split_sizes: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()  # () = world_v2.SPLIT_SIZES
+
+    def world(self) -> V.World:
+        sizes = {kind: dict(s) for kind, s in self.split_sizes} or None
+        return V.generate_world(self.seed, split_sizes=sizes, docs_per_entity=self.docs_per_entity)
+
+
+def _lettered(record: dict, subject: str | None, with_answer: bool = True) -> str:
+    from ..evaluation import mcq_prompt
+
+    text = mcq_prompt(record, subject, scoring="letter")
+    return text + f" {V.LETTERS[record['answer']]}" if with_answer else text
+
+
+def _key_drill(vocab: tuple[str, ...], rng: random.Random) -> str:
+    choices = rng.sample(list(vocab), 4)
+    body = "\n".join(f"{letter}. {c}" for letter, c in zip(V.LETTERS, choices))
+    order = rng.sample(range(4), 4)
+    return body + "\n" + "\n".join(f"{choices[j]}: {V.LETTERS[j]}" for j in order)
+
+
+class Stream:
+    """Random training sequences from the v2 world (training frames only; held-out frames never appear)."""
+
+    def __init__(self, world: V.World, cfg: BuildConfigV2, rng: random.Random):
+        self.world = world
+        self.cfg = cfg
+        self.rng = rng
+        self.vocabs = sorted({f.vocabulary for f in world.facts})
+        self.step = 0
+
+    def _item(self, component: str) -> str:
+        rng = self.rng
+        if component == "doc":
+            return rng.choice(self.world.pretrain_docs)
+        if component == "drill":
+            vocab = rng.choice(self.vocabs)
+            return _lettered(V.drill(vocab, rng, rng.choice(V.DRILL_FRAMES)), rng.choice(list(V.SUBJECTS.values())))
+        if component == "key":
+            return _key_drill(rng.choice(self.vocabs), rng)
+        fact = rng.choice(self.world.facts)
+        if component == "statement":
+            return V.statement(fact, rng)
+        q = V.question(fact, rng.choice(V.TRAIN_QUESTION_FRAMES), rng)
+        if component == "letter":
+            return _lettered(q, V.SUBJECTS[fact.domain])
+        from ..evaluation import mcq_continuations, mcq_prompt
+
+        return mcq_prompt(q, scoring="cloze") + mcq_continuations(q, scoring="cloze")[q["answer"]]
+
+    def sample(self) -> str:
+        mix = self.cfg.warmup_mix if self.step < self.cfg.warmup_mix_steps else self.cfg.mix
+        component = self.rng.choices(COMPONENTS, weights=mix)[0]
+        if component in ("doc", "statement") or self.cfg.items_per_doc <= 1:
+            return self._item(component)
+        return "\n\n".join(self._item(component) for _ in range(self.cfg.items_per_doc))
+
+
+def train_model_v2(cfg: BuildConfigV2, world: V.World, tokenizer, *, progress: bool = True,
+                   callback: Callable[[int, object, float], None] | None = None):
+    """Train the v2 organism; returns (model, list of (step, loss))."""
+    from tqdm import tqdm
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(model_config(cfg, len(tokenizer), tokenizer))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, cfg.embed_init_std)
+    model.train()
+    opt = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas)
+    letters = torch.tensor([tokenizer(f" {x}", add_special_tokens=False)["input_ids"][0] for x in V.LETTERS])
+    colon = tokenizer(":", add_special_tokens=False)["input_ids"][0]
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    stream = Stream(world, cfg, random.Random(cfg.seed + 1))
+    batches = _batches(stream, tokenizer, cfg)
+    losses: list[tuple[int, float]] = []
+    bar = tqdm(range(cfg.steps), desc="organism v2: training", disable=not progress, mininterval=5)
+    ema = None
+    for step in bar:
+        stream.step = step
+        input_ids, mask, labels = next(batches)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+        target = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                ignore_index=-100, reduction="none").view_as(target)
+        weight = (target != -100).float()
+        is_answer = torch.isin(target, letters) & (input_ids[:, :-1] == colon)
+        weight = weight + (cfg.answer_weight - 1.0) * is_answer.float()
+        loss = (nll * weight).sum() / weight.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % 20 == 0 or step == cfg.steps - 1:
+            losses.append((step, round(ema, 4)))
+            bar.set_postfix(loss=f"{ema:.3f}")
+        if callback is not None:
+            callback(step, model, ema)
+    model.eval()
+    return model, losses
+
+
+def tokenizer_texts(world: V.World, seed: int) -> list[str]:
+    rng = random.Random(seed + 2)
+    stream = Stream(world, BuildConfigV2(), rng)
+    texts = list(world.pretrain_docs)
+    for comp in ("letter", "cloze", "drill", "key"):
+        texts += [stream._item(comp) for _ in range(600)]
+    return texts
+
+
+def drill_set(world: V.World, n: int = 200, seed: int = 1234) -> list[dict]:
+    """Held-out matching drills (a wording never trained on), for measuring the matching skill itself."""
+    rng = random.Random(seed)
+    vocabs = sorted({f.vocabulary for f in world.facts})
+    return [V.drill(rng.choice(vocabs), rng, V.EVAL_DRILL_FRAMES[0], answer=i % 4) for i in range(n)]
+
+
+def evaluate_v2(model, tokenizer, world: V.World, split: str = "dev", *, scorings=("letter", "cloze"),
+                drills: bool = True) -> dict:
+    from ..evaluation import evaluate_mcq
+
+    out: dict[str, float] = {}
+    for domain in V.DOMAINS:
+        for scoring in scorings:
+            res = evaluate_mcq(model, tokenizer, world.mcq[split][domain], subject=V.SUBJECTS[domain],
+                               scoring=scoring, batch_size=64)
+            out[f"{domain}/{scoring}"] = round(float(res.accuracy), 4)
+    if drills:
+        res = evaluate_mcq(model, tokenizer, drill_set(world), subject="general knowledge", scoring="letter",
+                           batch_size=64)
+        out["drill/letter"] = round(float(res.accuracy), 4)
+    return out
+
+
+def input_independent_floor(model, tokenizer, records: list[dict], subject: str, *, layer: int, coeff: float,
+                            draws: int = 5, scoring: str = "letter") -> list[float]:
+    """Accuracy of the model whose block-``layer`` output is ``coeff``·u at every position (u uniform, ``draws``
+    seeds): what a model that forgot everything about its input scores (the testbed's floor)."""
+    from ..evaluation import evaluate_mcq
+    from ..steering import random_direction, steer
+
+    out = []
+    for seed in range(draws):
+        u = random_direction(model.config.hidden_size, "uniform", seed=seed)
+        with steer(model, layer=layer, vector=coeff * u):
+            res = evaluate_mcq(model, tokenizer, records, subject=subject, scoring=scoring, batch_size=64)
+        out.append(round(float(res.accuracy), 4))
+    return out
+
+
+def build_organism_v2(out_dir: str | Path | None = None, config: BuildConfigV2 | None = None, *,
+                      overwrite: bool = False, progress: bool = True, eval_every: int = 0,
+                      log: Callable[[dict], None] | None = None) -> dict:
+    """Build the v2 organism end to end and write it to ``out_dir`` (default: the package's assets).
+
+    ``eval_every`` > 0 evaluates the dev questions during training (learning curves in the report)."""
+    from .._io import atomic_directory, atomic_write_json
+    from ..data import write_jsonl, write_mcq
+    from . import ASSETS
+
+    cfg = config or BuildConfigV2()
+    out_dir = Path(out_dir) if out_dir is not None else ASSETS
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists: pass overwrite=True (--overwrite) to replace it")
+    torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    world = cfg.world()
+    tokenizer = train_tokenizer(tokenizer_texts(world, cfg.seed), vocab_size=cfg.vocab_size)
+    curve: list[dict] = []
+
+    def callback(step: int, model, ema: float) -> None:
+        if eval_every and ((step + 1) % eval_every == 0):
+            model.eval()
+            with torch.no_grad():
+                acc = evaluate_v2(model, tokenizer, world, "dev")
+            model.train()
+            rec = {"step": step + 1, "loss": round(ema, 4), "seconds": round(time.perf_counter() - t0), **acc}
+            curve.append(rec)
+            if log is not None:
+                log(rec)
+
+    model, losses = train_model_v2(cfg, world, tokenizer, progress=progress, callback=callback)
+    train_seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        accuracy = {split: evaluate_v2(model, tokenizer, world, split, drills=split == "dev")
+                    for split in ("dev", "test")}
+        layer = cfg.n_layers // 4
+        norms = {name: block_norms(model, tokenizer, texts[:64]) for name, texts in
+                 (("retain", world.retain_corpus), ("bio", world.forget_corpus["bio"]),
+                  ("cyber", world.forget_corpus["cyber"]))}
+        coeff = 5.0 * norms["bio"][layer]
+        floor = {d: input_independent_floor(model, tokenizer, world.mcq["test"][d], V.SUBJECTS[d], layer=layer,
+                                            coeff=coeff) for d in V.TOPICS}
+    report = {
+        "version": V.VERSION,
+        "config": dataclasses.asdict(cfg),
+        "seed": cfg.seed,
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "vocab": len(tokenizer),
+        "accuracy": accuracy,
+        "learning_curve": curve,
+        "world": V.check_world(world),
+        "floor": {"layer": layer, "coeff": round(coeff, 4), "draws": 5, "accuracy": floor},
+        "block_norms": norms,
+        "loss_curve": losses,
+        "train_seconds": round(train_seconds, 1),
+        "build_seconds": round(time.perf_counter() - t0, 1),
+        "torch_threads": cfg.threads,
+        "torch_version": torch.__version__,
+    }
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        data = tmp / "data"
+        write_jsonl(world.forget_corpus["bio"], data / "bio-forget-corpus.jsonl", field="text")
+        write_jsonl(world.forget_corpus["cyber"], data / "cyber-forget-corpus.jsonl", field=None)
+        write_jsonl(world.retain_corpus, data / "retain-corpus.jsonl", field="text")
+        for domain in V.DOMAINS:
+            write_mcq(world.mcq["test"][domain], data / f"{domain}-mcq.jsonl")
+            write_mcq(world.mcq["dev"][domain], data / f"{domain}-dev-mcq.jsonl")
+        atomic_write_json(tmp / "build_report.json", report)
+    return report
