@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_unlearn_parser(sub)
     add_evaluate_parser(sub)
 
+    from .attacks.cli import add_attack_parser
+
+    add_attack_parser(sub)
+
     from .experiments import add_sweep_parser
     from .reproduce import add_reproduce_parser
 
