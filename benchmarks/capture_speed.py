@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from rmu_analysis.capture import capture
+from rmu_analysis.activations import capture
 from rmu_analysis.models import decoder_blocks
 
 WORDS = ("pathogen host bats ferrets aerosol droplet exploit server port buffer overflow city river Varon Elm "

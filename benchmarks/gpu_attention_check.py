@@ -5,7 +5,7 @@ forget texts (padded length 64 and 96 tokens), the RMU forget loss in the "refer
 position, padding included) at block 3 and its gradient w.r.t. the trained MLP down-projections of blocks 1-3.
 Each backend's bf16 result on the GPU is compared with fp32 on the CPU: relative error of block 3's output
 on real tokens and on padding rows (rows with nothing to attend to), and of the gradient; NaN counts.
-This is why the engine turns cuDNN attention off while training (``engine.no_cudnn_attention``).
+This is why the engine turns cuDNN attention off while training (``models.no_cudnn_attention``).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from rmu_analysis.organism import load_organism, organism_corpora
 from rmu_analysis.models import decoder_blocks
 from rmu_analysis.unlearning.common import mse, reference_padding, tokenize
-from rmu_analysis.unlearning.engine import run_blocks, run_prefix
+from rmu_analysis.unlearning.engine import run_prefix, run_trained
 
 LAYER, TRAINED = 3, (1, 2, 3)
 
@@ -28,10 +28,10 @@ def forget_grads(model, inputs, u, coeff, layer=LAYER, trained=TRAINED, mask=Non
     blocks = decoder_blocks(model)
     first = min(trained)
     leaves = {i: blocks[i].mlp.down_proj.weight.detach().clone().requires_grad_(True) for i in trained}
-    for p in model.parameters():  # not engine.frozen_parameters: it would switch cuDNN off, the backend under test
+    for p in model.parameters():  # not models.frozen_parameters: it would switch cuDNN off, the backend under test
         p.requires_grad_(False)
-    prefix = run_prefix(model, inputs, first, layer, frozen=False, blocks=blocks)
-    h = run_blocks(blocks, prefix, first, layer, {i: {"mlp.down_proj.weight": w} for i, w in leaves.items()})
+    prefix = run_prefix(model, inputs, first, layer, frozen=False)
+    h = run_trained(model, prefix, first, layer, {i: {"mlp.down_proj.weight": w} for i, w in leaves.items()})
     loss = mse(h, coeff * u.to(h.device, h.dtype).reshape(1, 1, -1), mask)
     loss.backward()
     return h.detach().float().cpu(), torch.cat([leaves[i].grad.float().flatten().cpu() for i in trained])

@@ -1,6 +1,6 @@
 """How far a bf16 run on the GPU is from an fp32 run on the CPU, and where the difference comes from.
 
-Run on a CUDA machine from the repository root: ``PYTHONPATH=.:tests:benchmarks python benchmarks/gpu_precision_check.py``
+Run on a CUDA machine from the repository root: ``PYTHONPATH=.:benchmarks python benchmarks/gpu_precision_check.py``
 (``--cpu-only`` compares bf16 and fp32 on the CPU alone). For the test suite's tiny random Llama and for the
 organism (l = 3): the relative difference, against fp32 on the CPU, of
 - the forget-loss gradient w.r.t. the trained down-projections at the initial weights (one backward);
@@ -21,12 +21,11 @@ import contextlib
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from rmu_analysis.unlearning import engine, unlearn
-from rmu_analysis.unlearning.common import draw_control_vectors, loss_masks, reference_padding, tokenize
 from gpu_attention_check import forget_grads
-from test_unlearning import organism_case, tiny_case
-from conftest import TOKENIZER_TEXT
-from rmu_analysis.organism.tokenizer import train_tokenizer
+from rmu_analysis import models
+from rmu_analysis.testing import organism_case, tiny_case, tiny_tokenizer
+from rmu_analysis.unlearning import unlearn
+from rmu_analysis.unlearning.common import draw_control_vectors, loss_masks, reference_padding, tokenize
 
 
 def attention(device):
@@ -51,13 +50,13 @@ def _grad(case, device, dtype):
 
 def run(case, device, dtype, steps):
     model = copy.deepcopy(case.model).to(device.removesuffix("-math"), dtype)
-    saved = engine.no_cudnn_attention
+    saved = models.no_cudnn_attention
     if device.endswith("-math"):
-        engine.no_cudnn_attention = lambda: sdpa_kernel(SDPBackend.MATH)
+        models.no_cudnn_attention = lambda: sdpa_kernel(SDPBackend.MATH)
     try:
         return _run(model, case, steps)
     finally:
-        engine.no_cudnn_attention = saved
+        models.no_cudnn_attention = saved
 
 
 def _run(model, case, steps):
@@ -79,7 +78,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     variants = [("cpu", torch.bfloat16)] + ([] if args.cpu_only else [("cuda", torch.float32), ("cuda", torch.bfloat16),
                                                                   ("cuda-math", torch.bfloat16)])
-    tok = train_tokenizer(TOKENIZER_TEXT, vocab_size=320, min_frequency=1)
+    tok = tiny_tokenizer()
     print(f"{'case':9s} {'variant':14s} {'grad':>7s} {'upd@1':>7s} {'upd@5':>7s} {'upd@20':>7s} {'loss':>7s}")
     for name, case in (("tiny", tiny_case(tok)), ("organism", organism_case())):
         case.model = case.model.float()

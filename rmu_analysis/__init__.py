@@ -1,6 +1,6 @@
 """rmu_analysis: representation-steering unlearning (RMU, Adaptive RMU) — measure, apply, and stress-test it.
 
-The public API is imported lazily, except ``capture`` and ``alignment`` (see below).
+The public API is imported lazily: ``from rmu_analysis import capture`` loads ``rmu_analysis.activations`` only.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ _EXPORTS: dict[str, str] = {
     "load_text_corpus": "data",
     "evaluate_mcq": "evaluation",
     # measurement API
-    "capture": "capture",
+    "capture": "activations",
     "random_direction": "steering",
     "steer": "steering",
     "measure_confidence": "confidence",
-    "alignment": "alignment",
+    "alignment": "cosines",
     "noise_sensitivity": "theory",
     # unlearning
     "unlearn": "unlearning",
@@ -41,17 +41,10 @@ _EXPORTS: dict[str, str] = {
     "GAConfig": "unlearning",
     "GradDiffConfig": "unlearning",
     "NPOConfig": "unlearning",
-    "PRESETS": "unlearning",
+    "PRESETS": "recipes",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
-
-
-# ``capture`` and ``alignment`` are both submodules and functions. Importing a submodule binds the module to the
-# package attribute of the same name, so bind the functions eagerly: a later ``import rmu_analysis.capture`` finds
-# the module already loaded and leaves the function in place.
-from .alignment import alignment  # noqa: E402
-from .capture import capture  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:

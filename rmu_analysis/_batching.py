@@ -11,6 +11,7 @@ Shared by every measurement that runs prompts through a model. The rules, in one
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -24,7 +25,6 @@ __all__ = [
     "Batch",
     "position_ids_from_mask",
     "context_length",
-    "hidden_size",
     "vocab_size",
     "pad_sequences",
     "encode",
@@ -49,14 +49,6 @@ def context_length(model: nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def hidden_size(model: nn.Module) -> int:
-    """Width of the residual stream (``config.hidden_size``, else the input-embedding width)."""
-    value = getattr(getattr(model, "config", None), "hidden_size", None)
-    if isinstance(value, int):
-        return value
-    return int(model.get_input_embeddings().weight.shape[-1])
 
 
 def vocab_size(model: nn.Module) -> int:
@@ -293,8 +285,6 @@ def iter_batches(
 def cache_kwarg(model: nn.Module) -> str:
     """Name of the forward argument that takes the KV cache (``cache`` in transformers ≥ 5, else
     ``past_key_values``)."""
-    import inspect
-
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_attack_parser(sub)
 
-    from .experiments import add_sweep_parser
+    from .experiments.cli import add_sweep_parser
     from .reproduce import add_reproduce_parser
 
     add_reproduce_parser(sub)

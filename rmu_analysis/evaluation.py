@@ -32,9 +32,12 @@ from .data import LETTERS, normalize_mcq_record
 from .models import ensure_pad_token, model_device, resolve_tokenizer
 from .stats import N_BOOT, Interval, PairedDifference, accuracy_interval, paired_difference
 
-__all__ = ["MCQResult", "evaluate_mcq", "mcq_prompt", "mcq_continuations", "format_subject"]
+__all__ = ["MCQResult", "evaluate_mcq", "mcq_prompt", "mcq_continuations", "format_subject", "question_records",
+           "subject_list", "tokenizer_adds_bos", "encode_choices", "WMDP_SUBJECTS"]
 
 _HEADER = "The following are multiple choice questions (with answers)"
+#: lm-eval's subjects of the WMDP topics in the letter prompt (records with a ``"subject"`` field use their own).
+WMDP_SUBJECTS = {"bio": "biology", "cyber": "cybersecurity", "chem": "chemistry"}
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,6 @@ class MCQResult:
     asks about) when several questions share a fact, else None; :meth:`interval` and :meth:`compare` then resample
     facts, not questions.
     """
-
 
     accuracy: float
     n: int
@@ -176,7 +178,8 @@ def mcq_continuations(record: dict, *, scoring: str = "letter") -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _tokenizer_adds_bos(tokenizer) -> bool:
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token in front of a text by itself."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return False
@@ -184,7 +187,7 @@ def _tokenizer_adds_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
-def _encode_pairs(tokenizer, contexts: list[str], continuations: list[list[str]], prefix: list[int]):
+def encode_choices(tokenizer, contexts: list[str], continuations: list[list[str]], prefix: list[int]):
     """Per question: context ids and the ids of each continuation (whole[len(context):], lm-eval style)."""
     ctx_texts, whole_texts = [], []
     for ctx, conts in zip(contexts, continuations):
@@ -287,14 +290,16 @@ def _score_batch(
     return result
 
 
-def _records(records: Any) -> list[dict]:
+def question_records(records: Any) -> list[dict]:
+    """The question records, validated and normalised (``data.normalize_mcq_record``); none is an error."""
     records = [] if records is None else list(records)
     if not records:
         raise ValueError("records is empty: pass at least one question (e.g. load_mcq(path))")
     return [normalize_mcq_record(r, source="input", index=i) for i, r in enumerate(records)]
 
 
-def _subjects(subject: Any, n: int) -> list[str | None]:
+def subject_list(subject: Any, n: int) -> list[str | None]:
+    """One prompt subject per record from a str, None or a sequence of ``n``."""
     if subject is None or isinstance(subject, str):
         return [subject] * n
     subject = list(subject)
@@ -360,8 +365,8 @@ def evaluate_mcq(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
         raise ValueError(f"max_length must be None or an int of at least 2 tokens, got {max_length!r}")
-    recs = _records(records)
-    subjects = _subjects(subject, len(recs))
+    recs = question_records(records)
+    subjects = subject_list(subject, len(recs))
     clusters = _clusters(recs, cluster_key)
     tokenizer = resolve_tokenizer(model, tokenizer)
     ensure_pad_token(tokenizer)
@@ -369,7 +374,7 @@ def evaluate_mcq(
     left = getattr(tokenizer, "padding_side", "right") == "left"
 
     if add_bos is None:
-        add_bos = _tokenizer_adds_bos(tokenizer)
+        add_bos = tokenizer_adds_bos(tokenizer)
     prefix: list[int] = []
     if add_bos:
         if getattr(tokenizer, "bos_token_id", None) is None:
@@ -378,7 +383,7 @@ def evaluate_mcq(
 
     contexts = [mcq_prompt(r, s, scoring=scoring) for r, s in zip(recs, subjects)]
     conts_text = [mcq_continuations(r, scoring=scoring) for r in recs]
-    pairs = _encode_pairs(tokenizer, contexts, conts_text, prefix)
+    pairs = encode_choices(tokenizer, contexts, conts_text, prefix)
     for i, (_, conts) in enumerate(pairs):
         for j, c in enumerate(conts):
             if not c:

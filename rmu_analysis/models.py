@@ -1,20 +1,31 @@
-"""Loading causal LMs and finding their decoder blocks.
+"""Loading causal LMs, finding their decoder blocks, and the model state a run may touch.
 
-Layer convention (PAPER.md §1): block ``l`` is 0-indexed and its output is the residual stream after the
+Layer convention (arXiv 2408.06223, §2): block ``l`` is 0-indexed and its output is the residual stream after the
 block, i.e. ``hidden_states[l + 1]`` of an HF forward pass with ``output_hidden_states=True``.
+
+Named models (``load_model("organism")``) come from a registry (:func:`register_model`): a name maps to a loader,
+given as a callable or as ``"module:function"`` imported on first use, so this module imports no model of its own.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import re
 import socket
 import urllib.parse
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+try:  # attention-backend selection (torch >= 2.3)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover - torch < 2.3
+    sdpa_kernel = None
 
 #: Name templates of the decoder-block list, matched against ``named_modules()`` (never positional).
 BLOCK_TEMPLATES: tuple[str, ...] = (
@@ -27,7 +38,7 @@ BLOCK_TEMPLATES: tuple[str, ...] = (
     "layers",  # a bare decoder (e.g. LlamaModel without the LM head)
 )
 
-#: Default name pattern (regex) of the MLP down-projection, the tensors RMU trains (PAPER.md §2).
+#: Default name pattern (regex) of the MLP down-projection, the tensors RMU trains (arXiv 2408.06223, §2).
 DOWN_PROJ_PATTERNS: dict[str, str] = {
     "model.layers": r"mlp\.down_proj\.weight$",
     "model.language_model.layers": r"mlp\.down_proj\.weight$",
@@ -103,6 +114,14 @@ def down_proj_pattern(model: nn.Module) -> str:
     return DOWN_PROJ_PATTERNS[block_path(model)]
 
 
+def hidden_size(model: nn.Module) -> int:
+    """Width d of the residual stream (the text config's ``hidden_size`` / ``n_embd``, else the embedding width)."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+    size = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    return int(size) if size else int(model.get_input_embeddings().weight.shape[1])
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Device of the input embedding (where input ids must go, also under ``device_map``)."""
     try:
@@ -121,6 +140,24 @@ def _resolve_dtype(dtype: Any) -> torch.dtype | None:
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(table)} or a torch.dtype")
     return table[dtype]
+
+
+#: Named models: name -> loader (a callable or ``"module:function"``) returning ``(model, tokenizer)``.
+MODELS: dict[str, Callable[[], tuple] | str] = {"organism": "rmu_analysis.organism:load_organism"}
+
+
+def register_model(name: str, loader: Callable[[], tuple] | str) -> None:
+    """Make ``load_model(name)`` call ``loader()`` (a callable, or ``"module:function"`` imported on first use),
+    which returns ``(model, tokenizer)``."""
+    MODELS[str(name)] = loader
+
+
+def _named_loader(name: str) -> Callable[[], tuple]:
+    loader = MODELS[name]
+    if isinstance(loader, str):
+        module, _, function = loader.partition(":")
+        loader = getattr(importlib.import_module(module), function)
+    return loader
 
 
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -164,14 +201,11 @@ def load_model(
     a model that does not fit one GPU across devices (needs accelerate). A name that can only be a local path
     (``./x``, ``~/x``, an absolute path, ``a/b/c``, or ``runs/x`` beside an existing ``./runs``) and does not
     exist is a ``FileNotFoundError`` at once, without asking the hub; with ``HF_HUB_OFFLINE`` set, or when the
-    hub's host does not resolve, a hub name is looked up in the local cache only (no request, no retries).
+    hub's host does not resolve, a hub name is looked up in the local cache only (no request, no retries). A
+    name registered with :func:`register_model` (``"organism"``) is loaded by its loader.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if str(name_or_path) == "organism":
-        from .organism import load_organism
-
-        model, tok = load_organism()
+    if str(name_or_path) in MODELS:
+        model, tok = _named_loader(str(name_or_path))()
         torch_dtype = _resolve_dtype(dtype)
         if torch_dtype is not None:
             model = model.to(torch_dtype)
@@ -232,13 +266,22 @@ def ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def resolve_tokenizer(model: nn.Module, tokenizer=None):
-    """Return ``tokenizer`` or, when None, the tokenizer saved beside the model (organism or local directory)."""
-    if tokenizer is None:
-        tokenizer = getattr(model, "_rmu_tokenizer", None)
-    if tokenizer is None:
-        from transformers import AutoTokenizer
+def attach_tokenizer(model: nn.Module, tokenizer: Any) -> nn.Module:
+    """Keep ``tokenizer`` with ``model``: functions given no tokenizer use it (:func:`resolve_tokenizer`)."""
+    model._rmu_tokenizer = tokenizer
+    return model
 
+
+def attached_tokenizer(model: nn.Module) -> Any:
+    """The tokenizer kept with ``model`` by :func:`attach_tokenizer`, or None."""
+    return getattr(model, "_rmu_tokenizer", None)
+
+
+def resolve_tokenizer(model: nn.Module, tokenizer=None):
+    """Return ``tokenizer`` or, when None, the one attached to the model or saved beside it (a local directory)."""
+    if tokenizer is None:
+        tokenizer = attached_tokenizer(model)
+    if tokenizer is None:
         src = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
         if not src or not Path(src).is_dir():
             raise ValueError(
@@ -247,3 +290,42 @@ def resolve_tokenizer(model: nn.Module, tokenizer=None):
         tokenizer = AutoTokenizer.from_pretrained(src)
     ensure_pad_token(tokenizer)
     return tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ model state
+@contextlib.contextmanager
+def no_cudnn_attention() -> Iterator[None]:
+    """Scaled-dot-product attention by any backend but cuDNN while gradients are taken (restored on exit).
+
+    cuDNN's bf16/fp16 attention backward returns NaN in the query gradient when an explicit mask is passed
+    and the sequence length is 64 mod 128 (pytorch/pytorch#196678, torch 2.11 on H100/H200), and its forward
+    gives other values than every other backend on the padding rows of left-padded batches (which the
+    "reference" loss convention counts). Measured on an H200 with torch 2.11 (benchmarks/gpu_attention_check.py):
+    NaN gradients at length 64, a 79% gradient error at length 96; the organism recipe in bf16 went NaN at
+    step 3 with cuDNN and trains with it off. Flash / memory-efficient / math stay enabled, so CPU runs are
+    unchanged.
+    """
+    if sdpa_kernel is None:  # pragma: no cover - torch < 2.3
+        yield
+        return
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout), ``requires_grad`` off for every model parameter and no cuDNN attention
+    (:func:`no_cudnn_attention`); all restored on exit, also on error. Gradients then flow only to tensors the
+    caller creates (trained copies, input embeddings)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with no_cudnn_attention():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)

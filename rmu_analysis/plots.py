@@ -20,11 +20,16 @@ Numerical checks of the theory (:mod:`rmu_analysis.theory`):
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 from matplotlib.ticker import MaxNLocator
+
+from .cosines import DIRECTIONS
 
 __all__ = [
     "plot_confidence", "plot_cosines", "plot_norms", "plot_noise_sensitivity", "plot_proposition1",
@@ -38,8 +43,6 @@ _DIRECTION_LABELS = {"u": "u", "uniform_null": "uniform null u′", "gaussian_nu
 
 
 def _axes(ax: Any, figsize: tuple[float, float]):
-    import matplotlib.pyplot as plt
-
     if ax is None:
         fig, ax = plt.subplots(figsize=figsize, layout="constrained")
     else:
@@ -79,8 +82,6 @@ def plot_confidence(
     ``base``/``other``: :class:`~rmu_analysis.confidence.Confidence` results or arrays of values; ``other`` may
     be a dict ``{label: result}`` to overlay several models (e.g. several c).
     """
-    import seaborn as sns
-
     if metric not in _METRIC_LABELS:
         raise ValueError(f"metric must be one of {tuple(_METRIC_LABELS)}, got {metric!r}")
     series = {labels[0]: base, **_as_mapping(other, labels[1])}
@@ -97,10 +98,6 @@ def plot_confidence(
 
 def plot_cosines(result: Any, layer: int, *, level: str = "prompt", bins: int = 40, ax: Any = None):
     """Distribution of cos(h^(l), u) beside the null baselines u′ (uniform) and g (Gaussian) (Fig. 2e–h)."""
-    import seaborn as sns
-
-    from .alignment import DIRECTIONS
-
     frame = pd.concat([pd.DataFrame({"cos": result.cos(layer, d, level), "direction": _DIRECTION_LABELS[d]})
                        for d in DIRECTIONS], ignore_index=True)
     fig, ax = _axes(ax, (6, 3.5))
@@ -116,8 +113,6 @@ def plot_norms(results: Any, *, level: str = "prompt", coeff: float | None = Non
     """Mean ‖h^(l)‖ per block (± one std) of one or several :class:`~rmu_analysis.alignment.Alignment` results,
     with a horizontal line at the steering coefficient ``coeff`` (Fig. 4: RMU converges where the norm starts
     below c)."""
-    import seaborn as sns
-
     series = _as_mapping(results, "model")
     frame = pd.concat([r.summary(level).assign(model=name) for name, r in series.items()], ignore_index=True)
     fig, ax = _axes(ax, (6, 3.5))
@@ -139,8 +134,6 @@ def plot_norms(results: Any, *, level: str = "prompt", coeff: float | None = Non
 def plot_noise_sensitivity(results: Any, *, logy: bool = True, ax: Any = None):
     """Φ(g^(l:k)) against k (Eq. 9, Fig. 1) for one or several
     :class:`~rmu_analysis.theory.NoiseSensitivity` results (mean ± std over noise draws)."""
-    import seaborn as sns
-
     series = _as_mapping(results, "model")
     frame = pd.concat([r.to_frame().assign(model=name) for name, r in series.items()], ignore_index=True)
     fig, ax = _axes(ax, (6, 3.5))
@@ -163,8 +156,6 @@ def plot_noise_sensitivity(results: Any, *, logy: bool = True, ax: Any = None):
 # numerical checks of the theory
 # ------------------------------------------------------------------------------------------------------------
 def _row_axes(axes: Any, n: int, figsize: tuple[float, float]):
-    import matplotlib.pyplot as plt
-
     if axes is None:
         fig, axes = plt.subplots(1, n, figsize=figsize, layout="constrained", squeeze=False)
         axes = list(axes[0])
@@ -224,8 +215,6 @@ def plot_optimal_coefficient(results: Any, *, k: int | None = None, ax: Any = No
     """Exact (solid) and linearised (dashed) Eq. 10 objective Φ_k(c) of one or several
     :class:`~rmu_analysis.theory.OptimalCoefficient` results, with Eq. 19's c* (dotted line) and the grid argmin
     of the exact objective (dot). ``k``: the block k to show (default: each result's last)."""
-    import seaborn as sns
-
     series = _as_mapping(results, "model")
     fig, ax = _axes(ax, (6.5, 3.8))
     for color, (name, r) in zip(sns.color_palette(n_colors=len(series)), series.items()):
@@ -287,8 +276,6 @@ def plot_norm_trajectories(runs: Any, *, topic: str | None = None, axes: Any = N
     """Fig. 4: the forget-representation norm at block l during unlearning (left, with each run's coefficient
     as a dashed line of its colour) and the forget loss (right, log scale), for one or several runs
     (``UnlearnResult`` s or their logs; ``topic``: only that topic's steps)."""
-    import seaborn as sns
-
     series = _as_mapping(runs, "run")
     fig, (ax, ax2) = _row_axes(axes, 2, (11, 3.6))
     for color, (name, run) in zip(sns.color_palette(n_colors=len(series)), series.items()):
@@ -312,8 +299,6 @@ def plot_norm_trajectories(runs: Any, *, topic: str | None = None, axes: Any = N
 def plot_input_gradients(results: Any, *, centered: bool = False, ax: Any = None):
     """Per-question norms of the gradient of log p(correct letter) with respect to the one-hot input tokens
     (:class:`~rmu_analysis.theory.InputGradients`), one box per model, log scale (the GCG argument)."""
-    import seaborn as sns
-
     series = _as_mapping(results, "model")
     col = "grad_norm_centered" if centered else "grad_norm"
     frame = pd.concat([pd.DataFrame({"norm": getattr(r, col), "model": name}) for name, r in series.items()],
@@ -353,9 +338,6 @@ def plot_intervals(intervals: Any, *, reference: float | None = None, ax: Any = 
 def save_figure(fig: Any, path: Any, *, dpi: int = 72):
     """Write ``fig`` to ``path`` as a PNG (parent folders created), close it, and return the path
     (``IPython.display.Image(save_figure(fig, "figures/x.png"))`` shows it, whatever the matplotlib backend)."""
-    from pathlib import Path
-
-    import matplotlib.pyplot as plt
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import matplotlib as mpl
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
@@ -31,8 +33,6 @@ def _ok(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _subplots(n: int, width: float = 3.6, height: float = 3.2):
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, n, figsize=(width * n, height), layout="constrained", squeeze=False)
     return fig, list(axes[0])
 
@@ -81,8 +81,6 @@ def plot_collapse(points: pd.DataFrame, summary: Mapping[str, Any] | None = None
     """Forget accuracy of every (steering run, topic) against c / ‖h_l‖ (left) and raw c (right), coloured by
     layer, circles for RMU and squares for Adaptive RMU. One curve on the left and spread by layer on the right
     is what the Adaptive RMU principle predicts."""
-    import matplotlib as mpl
-
     if points is None or len(points) == 0:
         raise ValueError("nothing to plot: no steering runs in the points")
     fig, axes = _subplots(2, width=4.4, height=3.6)

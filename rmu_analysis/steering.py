@@ -1,10 +1,10 @@
-"""Random steering directions u and steering a block's output to c·u + ε (PAPER.md §2 Eq. 1, §3 Assumption 1).
+"""Random steering directions u and steering a block's output to c·u + ε (arXiv 2408.06223, Eq. 1 and
+Assumption 1).
 
 ``random_direction(d, "uniform")`` is RMU's reference construction: entries U(0, 1), then normalised — every entry
-is positive, so two independent draws have cosine ≈ 0.75 (PAPER.md quotes ≈ 0.74) and each has cosine ≈ 0.87
-with the all-ones direction. A ``"gaussian"`` direction (entries N(0, 1), normalised) is isotropic: its cosine
-with any fixed vector is ≈ 0 ± 1/sqrt(d). Cosine probes against u therefore need both as null baselines
-(see :mod:`rmu_analysis.alignment`).
+is positive, so two independent draws have cosine ≈ 0.75 and each has cosine ≈ 0.87 with the all-ones direction.
+A ``"gaussian"`` direction (entries N(0, 1), normalised) is isotropic: its cosine with any fixed vector is
+≈ 0 ± 1/sqrt(d). Cosine probes against u therefore need both as null baselines (see :mod:`rmu_analysis.cosines`).
 """
 from __future__ import annotations
 
@@ -15,11 +15,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from ._batching import hidden_size
-from .capture import block_hidden, replace_block_hidden
-from .models import check_layer, decoder_blocks
+from . import hooks
+from .models import check_layer, hidden_size
 
-__all__ = ["random_direction", "steer", "make_generator"]
+__all__ = ["random_direction", "steer", "make_generator", "check_vector", "check_noise"]
 
 _KINDS = ("uniform", "gaussian")
 
@@ -65,7 +64,8 @@ def random_direction(
     return v.to(device=device or "cpu", dtype=dtype)
 
 
-def _check_vector(vector: Any, d: int, *, name: str = "vector") -> torch.Tensor:
+def check_vector(vector: Any, d: int, *, name: str = "vector") -> torch.Tensor:
+    """``vector`` as a finite floating tensor of shape ``[d]`` (clear errors for the wrong size or nan/inf)."""
     v = torch.as_tensor(vector)
     if not (v.is_floating_point()):
         v = v.float()
@@ -78,7 +78,8 @@ def _check_vector(vector: Any, d: int, *, name: str = "vector") -> torch.Tensor:
     return v
 
 
-def _check_noise(noise: Any) -> float:
+def check_noise(noise: Any) -> float:
+    """The noise variance η of ε ~ N(0, ηI) as a finite float ≥ 0."""
     try:
         eta = float(noise)
     except (TypeError, ValueError):
@@ -143,31 +144,29 @@ def steer(
     generator: torch.Generator | None = None,
 ) -> Iterator[None]:
     """Context manager: block ``layer``'s output becomes ``coeff·vector + ε`` (``mode="replace"``) or gets it
-    added (``mode="add"``) at the chosen token positions — Assumption 1 (PAPER.md §3) made true.
+    added (``mode="add"``) at the chosen token positions — Assumption 1 (arXiv 2408.06223, §3) made true.
 
     ``vector`` is the full steering vector (pass ``c·u``, or ``u`` with ``coeff=c``). ``noise`` is the variance
     η of ε ~ N(0, ηI), drawn fresh for every steered token in every forward call from ``seed``/``generator``
     (CPU, fp32: device-independent). ``positions`` indexes the token axis of each forward call: None (all,
     including tokens generated with a KV cache), a slice, a list of ints, or a boolean ``[B, T]`` mask that must
-    match the call's shape. The hook runs before any other hook on the block, so recorders (``capture``,
-    ``output_hidden_states``) see the steered output; nested ``steer`` on one block apply innermost first.
-    The hook is removed on exit and on exceptions.
+    match the call's shape. The edit (:func:`rmu_analysis.hooks.edit`) runs before any other hook on the block,
+    so recorders (``capture``, ``output_hidden_states``) see the steered output. Nested ``steer`` on one block
+    apply outermost first, so in replace mode the innermost context wins. Removed on exit and on exceptions.
     """
     if mode not in ("replace", "add"):
         raise ValueError(f'mode must be "replace" or "add", got {mode!r}')
     idx = check_layer(model, layer)
     d = hidden_size(model)
-    vec = _check_vector(vector, d).float() * float(coeff)
+    vec = check_vector(vector, d).float() * float(coeff)
     if not torch.isfinite(vec).all():
         raise ValueError(f"coeff·vector is not finite (coeff={coeff!r})")
-    eta = _check_noise(noise)
+    eta = check_noise(noise)
     gen = make_generator(seed, generator, what="steering noise") if eta > 0 else None
     std = math.sqrt(eta)
     positions = _check_positions(positions)
-    block = decoder_blocks(model)[idx]
 
-    def hook(module, args, output):
-        h = block_hidden(output)
+    def steered(h: torch.Tensor) -> torch.Tensor | None:
         sel = _position_mask(positions, (h.shape[0], h.shape[1]), h.device)
         n_sel = int(sel.sum())
         if n_sel == 0:
@@ -179,12 +178,7 @@ def steer(
             value = h[sel].float() + value
         new = h.clone()
         new[sel] = value.to(h.dtype)
-        return replace_block_hidden(output, new)
+        return new
 
-    # prepend: run before hooks registered earlier (e.g. transformers' own output-capturing hooks), so every
-    # recorder of this block, output_hidden_states included, sees the steered output
-    handle = block.register_forward_hook(hook, prepend=True)
-    try:
+    with hooks.edit(model, idx, steered):
         yield None
-    finally:
-        handle.remove()

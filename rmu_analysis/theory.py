@@ -1,4 +1,4 @@
-"""Quantities from the paper's theory (PAPER.md §3), and numerical checks of its first-order arguments.
+"""Quantities from the paper's theory (arXiv 2408.06223, §3–4), and numerical checks of its first-order arguments.
 
 - :func:`noise_sensitivity` — Φ(g^(l:k)) of Eq. 8–9 (Fig. 1), dataset version: how much a perturbation ξ of the
   block-l representation is amplified (Φ > 1) or damped (Φ < 1) by the sub-network g^(l:k) = blocks l+1 … k.
@@ -30,17 +30,23 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 from torch import nn
 
-from ._batching import Batch, encode, hidden_size, iter_batches, position_ids_from_mask, vocab_size
-from .capture import (
-    _StopForward, _bos_id, block_hidden, masked_mean, replace_block_hidden, run_to_blocks, token_mask,
+from . import hooks
+from ._batching import Batch, encode, position_ids_from_mask, vocab_size
+from .activations import bos_token_id, capture_batches, masked_mean
+from .confidence import METRICS, measure_confidence
+from .evaluation import (
+    encode_choices, mcq_continuations, mcq_prompt, question_records, subject_list, tokenizer_adds_bos,
 )
-from .models import check_layer, decoder_blocks, model_device, num_blocks, resolve_tokenizer
-from .steering import _check_noise, _check_vector, make_generator
+from .models import (
+    check_layer, decoder_blocks, frozen_parameters, hidden_size, model_device, num_blocks, resolve_tokenizer,
+)
+from .steering import check_noise, check_vector, make_generator, steer
 
 __all__ = [
-    "NoiseSensitivity", "noise_sensitivity", "mean_representation", "block_call_kwargs", "run_blocks",
+    "NoiseSensitivity", "noise_sensitivity", "mean_representation", "block_calls", "push_blocks",
     "LogitJacobian", "logit_jacobian", "Proposition1", "proposition1", "loglog_slope",
     "OptimalCoefficient", "optimal_coefficient", "ConfidenceSweep", "confidence_vs_coeff",
     "InputGradients", "input_gradient_norms", "Convergence", "forget_convergence",
@@ -82,84 +88,35 @@ def mean_representation(
     model: nn.Module, prompts: Any, layer: int, *, tokenizer: Any = None, exclude_bos: bool = False,
     batch_size: int = 32, max_length: int | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """ĥ = mean over prompts of the token-mean block-``layer`` output (PAPER.md §3), fp32 ``[d]``, and the
-    number of prompts."""
+    """ĥ = mean over prompts of the token-mean block-``layer`` output (Eq. 9's dataset version), fp32 ``[d]``, and
+    the number of prompts."""
     idx = check_layer(model, layer)
-    tok = resolve_tokenizer(model, tokenizer) if isinstance(prompts, (str, list, tuple)) else tokenizer
-    bos = _bos_id(model, tok) if exclude_bos else None
     total, count = None, 0
-    for _, batch in iter_batches(model, prompts, tok, batch_size=batch_size, max_length=max_length):
-        h = run_to_blocks(model, batch, [idx])[idx]
-        means = masked_mean(h, token_mask(batch, exclude_bos=exclude_bos, bos_token_id=bos)).sum(0)
+    for rows, cap in capture_batches(model, prompts, [idx], tokenizer=tokenizer, exclude_bos=exclude_bos,
+                                     batch_size=batch_size, max_length=max_length):
+        means = masked_mean(cap.hidden[idx], cap.token_mask).sum(0)
         total = means if total is None else total + means.to(total.device)
-        count += len(batch)
+        count += len(rows)
     return total / count, count
 
 
-@contextlib.contextmanager
-def _record_calls(model: nn.Module, ks: list[int]) -> Iterator[dict[int, tuple[tuple, dict]]]:
-    blocks = decoder_blocks(model)
-    store: dict[int, tuple[tuple, dict]] = {}
-    handles = []
-
-    def make_pre(k: int):
-        def pre(module, args, kwargs):
-            store[k] = (tuple(args[1:]), dict(kwargs))
-
-        return pre
-
-    def stop(module, args, output):
-        raise _StopForward
-
-    try:
-        for k in ks:
-            handles.append(blocks[k].register_forward_pre_hook(make_pre(k), with_kwargs=True))
-        handles.append(blocks[max(ks)].register_forward_hook(stop))
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def block_call_kwargs(model: nn.Module, ks: list[int]) -> dict[int, tuple[tuple, dict]]:
-    """The extra positional and keyword arguments (position embeddings, masks, ...) that blocks ``ks`` receive
-    for a one-token sequence, recorded with pre-hooks during a forward pass that stops after ``max(ks)``."""
-    bos = _bos_id(model)
+def block_calls(model: nn.Module, ks: list[int]) -> dict[int, hooks.BlockCall]:
+    """What blocks ``ks`` are called with (position embeddings, masks, ...) for a one-token sequence, recorded
+    during a forward pass that stops after ``max(ks)``."""
+    bos = bos_token_id(model)
     ids = torch.tensor([[0 if bos is None else int(bos)]], device=model_device(model))
     mask = torch.ones_like(ids)
     batch = Batch(ids, mask, position_ids_from_mask(mask))
-    with _record_calls(model, ks) as store, torch.no_grad():
-        try:
-            model(**batch.model_inputs(), use_cache=False)
-        except _StopForward:
-            pass
-    return store
-
-
-def run_blocks(model: nn.Module, x: torch.Tensor, ks: list[int], calls: dict[int, tuple[tuple, dict]]
-               ) -> dict[int, torch.Tensor]:
-    """Push one-token states ``x`` ``[n, 1, d]`` through blocks ``ks`` (consecutive) with the recorded call
-    arguments; return each block's output ``{k: [n, d]}``. Rows are independent (batch = noise draws)."""
     with torch.no_grad():
-        return _push_blocks(model, x, ks, calls)
+        return hooks.forward(model, batch.model_inputs(), calls=ks, stop_after=max(ks)).calls
 
 
-def _push_blocks(model: nn.Module, x: torch.Tensor, ks: list[int], calls: dict[int, tuple[tuple, dict]]
-                 ) -> dict[int, torch.Tensor]:
-    """:func:`run_blocks` without ``no_grad`` (differentiable, usable inside ``torch.func`` transforms)."""
-    blocks = decoder_blocks(model)
-    out: dict[int, torch.Tensor] = {}
-    for k in ks:
-        args, kwargs = calls[k]
-        x = x.to(next(blocks[k].parameters()).device)
-        if "hidden_states" in kwargs:
-            kwargs = {**kwargs, "hidden_states": x}
-            res = blocks[k](*args, **kwargs)
-        else:
-            res = blocks[k](x, *args, **kwargs)
-        x = block_hidden(res)
-        out[k] = x[:, 0]
-    return out
+def push_blocks(model: nn.Module, x: torch.Tensor, ks: list[int], calls: dict[int, hooks.BlockCall]
+                ) -> dict[int, torch.Tensor]:
+    """Push one-token states ``x`` ``[n, 1, d]`` through the consecutive blocks ``ks`` with the recorded calls;
+    return each block's output ``{k: [n, d]}``. Rows are independent (batch = noise draws). Differentiable (the
+    caller chooses the grad mode), so it runs inside ``torch.func`` transforms."""
+    return {k: h[:, 0] for k, h in hooks.run_blocks(model, x, calls, ks).items()}
 
 
 def noise_sensitivity(
@@ -202,21 +159,21 @@ def noise_sensitivity(
         xi = xi.reshape(1, -1) if xi.dim() == 1 else xi
         if xi.dim() != 2:
             raise ValueError(f"explicit noise must have shape [d] or [n, d], got {tuple(xi.shape)}")
-        xi = torch.stack([_check_vector(row, d, name="noise") for row in xi])
+        xi = torch.stack([check_vector(row, d, name="noise") for row in xi])
         eta = None
     else:
-        eta = _check_noise(noise)
+        eta = check_noise(noise)
         gen = make_generator(None if generator is not None else seed, generator, what="noise")
         xi = (eta ** 0.5) * torch.randn(samples, d, generator=gen, dtype=torch.float32)
 
     h_hat, count = mean_representation(model, prompts, idx, tokenizer=tokenizer, exclude_bos=exclude_bos,
                                        batch_size=batch_size, max_length=max_length)
     ks = list(range(idx + 1, hi + 1))
-    calls = block_call_kwargs(model, ks)
-    blocks = decoder_blocks(model)
-    p = next(blocks[ks[0]].parameters())
+    calls = block_calls(model, ks)
+    p = next(decoder_blocks(model)[ks[0]].parameters())
     x = torch.cat([h_hat.cpu().unsqueeze(0), h_hat.cpu().unsqueeze(0) + xi.float()], dim=0)
-    outs = run_blocks(model, x.to(p.device, p.dtype).unsqueeze(1), ks, calls)
+    with torch.no_grad():
+        outs = push_blocks(model, x.to(p.device, p.dtype).unsqueeze(1), ks, calls)
     phi = np.empty((xi.shape[0], len(ks)))
     for j, k in enumerate(ks):
         g = outs[k].float()
@@ -273,24 +230,19 @@ def _logits_with_block(model: nn.Module, ids: torch.Tensor, layer: int, cols: li
     """Last-position logits ``[B, V]`` (fp32; ``projection @ logits``: ``[B, k]``) of prompt ``ids`` ``[1, T]``
     when block ``layer``'s output at token columns ``cols`` is replaced by ``values`` ``[B, len(cols), d]``.
     Differentiable in ``values`` (the hook substitutes out of place), so it runs inside ``torch.func``."""
-    block = decoder_blocks(model)[layer]
     B, T = values.shape[0], ids.shape[1]
     col_idx = torch.tensor(cols, device=ids.device)
 
-    def hook(module, args, output):
-        h = block_hidden(output)
-        return replace_block_hidden(output, h.index_copy(1, col_idx.to(h.device), values.to(h.device, h.dtype)))
+    def replace(h: torch.Tensor) -> torch.Tensor:
+        return h.index_copy(1, col_idx.to(h.device), values.to(h.device, h.dtype))
 
     kwargs: dict[str, Any] = {"use_cache": False}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
     mask = torch.ones(B, T, dtype=torch.long, device=ids.device)
-    handle = block.register_forward_hook(hook, prepend=True)
-    try:
+    with hooks.edit(model, layer, replace):
         out = model(input_ids=ids.expand(B, T), attention_mask=mask, position_ids=position_ids_from_mask(mask),
                     **kwargs)
-    finally:
-        handle.remove()
     logits = out.logits[:, -1].float()
     return logits if projection is None else logits @ projection.to(logits.device).T
 
@@ -370,7 +322,7 @@ def logit_jacobian(
     d = hidden_size(model)
     zt = torch.as_tensor(z, dtype=torch.float32).detach().cpu()
     if zt.dim() == 1:
-        zt = _check_vector(zt, d, name="z").float().expand(len(cols), d).clone()
+        zt = check_vector(zt, d, name="z").float().expand(len(cols), d).clone()
     if tuple(zt.shape) != (len(cols), d):
         raise ValueError(f"z must have shape [d] = [{d}] or [positions, d] = [{len(cols)}, {d}], got "
                          f"{tuple(zt.shape)}")
@@ -478,7 +430,7 @@ def proposition1(
     tokenizer: Any = None,
     jacobian: LogitJacobian | None = None,
 ) -> Proposition1:
-    """Proposition 1 (PAPER.md §3): with block ``layer``'s output at ``positions`` set to z + ε, z = ``coeff``·u,
+    """Proposition 1 (arXiv 2408.06223, §3): with block ``layer``'s output at ``positions`` set to z + ε, z = ``coeff``·u,
     ε ~ N(0, ηI) independent per token, are the next-token logits ≈ N(W g(z), η W J Jᵀ Wᵀ)?
 
     For each η in ``etas``: ``samples`` draws (antithetic pairs, standard normals from ``seed`` shared by every η)
@@ -486,15 +438,13 @@ def proposition1(
     :func:`logit_jacobian`, or pass ``jacobian=`` to reuse one) and test the normality of ``directions``
     random projections. ``projection`` (``[k, vocab]``) works on ``projection @ logits`` (large vocabularies).
     """
-    from scipy import stats
-
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 4 or samples % 2:
         raise ValueError(f"samples must be an even int ≥ 4 (antithetic pairs), got {samples!r}")
     eta_arr = np.asarray(etas, dtype=float).ravel()
     if eta_arr.size == 0 or not np.all(np.isfinite(eta_arr)) or np.any(eta_arr <= 0):
         raise ValueError(f"etas must be positive finite noise variances, got {etas!r}")
     d = hidden_size(model)
-    u_vec = _check_vector(u, d, name="u").float().cpu()
+    u_vec = check_vector(u, d, name="u").float().cpu()
     z = float(coeff) * u_vec
     if jacobian is None:
         jacobian = logit_jacobian(model, prompt, layer, z, positions=positions, projection=projection,
@@ -646,17 +596,17 @@ def optimal_coefficient(
     idx = check_layer(model, layer)
     ks = _check_ks(model, idx, ks)
     d = hidden_size(model)
-    u_vec = _check_vector(u, d, name="u").float().cpu()
-    eps_vec = torch.zeros(d) if eps is None else _check_vector(eps, d, name="eps").float().cpu()
+    u_vec = check_vector(u, d, name="u").float().cpu()
+    eps_vec = torch.zeros(d) if eps is None else check_vector(eps, d, name="eps").float().cpu()
     h_hat, count = mean_representation(model, prompts, idx, tokenizer=tokenizer, exclude_bos=exclude_bos,
                                        batch_size=batch_size, max_length=max_length)
     h_hat = h_hat.float().cpu()
     chain = list(range(idx + 1, max(ks) + 1))
-    calls = block_call_kwargs(model, chain)
+    calls = block_calls(model, chain)
     p = next(decoder_blocks(model)[chain[0]].parameters())
 
     def g(x: torch.Tensor) -> torch.Tensor:
-        outs = _push_blocks(model, x.to(p.dtype).reshape(1, 1, d), chain, calls)
+        outs = push_blocks(model, x.to(p.dtype).reshape(1, 1, d), chain, calls)
         return torch.stack([outs[k][0].float() for k in ks])
 
     with _quiet_vmap_fallback():
@@ -677,7 +627,8 @@ def optimal_coefficient(
     every = np.concatenate([grid, c_star])
     x = torch.as_tensor(every, dtype=torch.float32)[:, None] * u_vec + eps_vec
     x = torch.cat([h_hat[None], x])
-    outs = run_blocks(model, x.to(p.device, p.dtype).unsqueeze(1), chain, calls)
+    with torch.no_grad():
+        outs = push_blocks(model, x.to(p.device, p.dtype).unsqueeze(1), chain, calls)
     phi = np.empty((len(ks), len(every)))
     for j, k in enumerate(ks):
         out = outs[k].double().cpu()
@@ -712,8 +663,6 @@ class ConfidenceSweep:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per c (and a first row ``coeff=NaN, model="base"``): mean and std of each metric."""
-        from .confidence import METRICS
-
         rows = []
         for name, c, res in [("base", float("nan"), self.base)] + [("steered", c, r) for c, r in
                                                                    zip(self.coeffs, self.results)]:
@@ -742,9 +691,6 @@ def confidence_vs_coeff(
     """MaxLogit, max probability and entropy (C1) of ``prompts`` when block ``layer``'s output is set to
     c·u + ε (ε ~ N(0, ``noise``·I), :func:`~rmu_analysis.steering.steer`) for each c in ``coeffs``, beside the
     unsteered model. ``generate=k`` measures k greedy tokens (steered throughout), else the next token."""
-    from .confidence import measure_confidence
-    from .steering import steer
-
     values = [float(c) for c in np.atleast_1d(np.asarray(coeffs, dtype=float))]
     if not values or not all(math.isfinite(c) for c in values):
         raise ValueError(f"coeffs must be a non-empty list of finite coefficients, got {coeffs!r}")
@@ -808,21 +754,17 @@ def input_gradient_norms(
     respect to the one-hot input tokens, = ∂/∂(input embeddings) @ W_Eᵀ. The paper predicts ≈ 0 for an
     unlearned model (its layer-l state no longer depends on the input). One question at a time, in eval mode;
     the model's parameters get no gradients (both restored afterwards)."""
-    from .evaluation import _encode_pairs, _records, _subjects, _tokenizer_adds_bos, mcq_continuations, mcq_prompt
-
-    recs = _records(records)
-    subjects = _subjects(subject, len(recs))
+    recs = question_records(records)
+    subjects = subject_list(subject, len(recs))
     tok = resolve_tokenizer(model, tokenizer)
     if add_bos is None:
-        add_bos = _tokenizer_adds_bos(tok)
+        add_bos = tokenizer_adds_bos(tok)
     prefix = [tok.bos_token_id] if add_bos else []
     contexts = [mcq_prompt(r, s, scoring=scoring) for r, s in zip(recs, subjects)]
-    pairs = _encode_pairs(tok, contexts, [mcq_continuations(r, scoring=scoring) for r in recs], prefix)
+    pairs = encode_choices(tok, contexts, [mcq_continuations(r, scoring=scoring) for r in recs], prefix)
     emb = model.get_input_embeddings().weight
     device = emb.device
     out = {k: [] for k in ("logprob", "norm", "centered", "n")}
-    from .unlearning.engine import frozen_parameters
-
     with frozen_parameters(model):  # gradients flow to the input embeddings only
         for rec, (ctx, conts) in zip(recs, pairs):
             target = conts[rec["answer"]]

@@ -13,10 +13,9 @@ import torch
 
 from rmu_analysis.models import decoder_blocks, load_model
 from rmu_analysis.unlearning import save_unlearned, unlearn, unlearn_reference
-from rmu_analysis.unlearning.engine import _master_copies
+from rmu_analysis.testing import max_diff, organism_case, snapshot, tiny_case, tiny_llama
 from rmu_analysis.unlearning.common import select_trained
-
-from test_unlearning import max_diff, organism_case, snapshot, tiny_case
+from rmu_analysis.unlearning.engine import master_copies
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
 
@@ -64,7 +63,7 @@ def test_bf16_on_cuda_follows_the_fp32_cpu_run(tiny_tokenizer, loss):
     ref = unlearn(cpu.model, cpu.tokenizer, cpu.forget, cpu.retain, cfg, progress=False)
     gpu = _on_cuda(cpu, torch.bfloat16)
     trained = select_trained(gpu.model, (1, 2, 3), None)
-    masters = _master_copies(gpu.model, trained)
+    masters = master_copies(gpu.model, trained)
     assert all(m.dtype == torch.float32 and m.device.type == "cuda" for m in masters)
     res = unlearn(gpu.model, gpu.tokenizer, gpu.forget, gpu.retain, cfg, progress=False)
     assert all(t.dtype == torch.bfloat16 for t in res.trained.values())
@@ -101,10 +100,8 @@ def test_model_placed_over_two_devices_gives_the_same_run(tiny_tokenizer):
 
 
 def test_load_model_device_map_auto_unlearn_and_save(tiny_tokenizer, tmp_path):
-    from conftest import make_tiny_llama
-
     src = tmp_path / "model"
-    make_tiny_llama(len(tiny_tokenizer), n_layers=5).save_pretrained(src)
+    tiny_llama(len(tiny_tokenizer), n_layers=5).save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
     model, tok = load_model(src, dtype="bfloat16", device_map="auto")
     assert {p.device.type for p in model.parameters()} == {"cuda"}

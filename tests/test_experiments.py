@@ -2,6 +2,7 @@
 the summaries checked against hand-computed numbers."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -12,10 +13,12 @@ import pytest
 import torch
 
 from rmu_analysis import experiments as E
+from rmu_analysis.experiments import runner
 from rmu_analysis.organism.tokenizer import train_tokenizer
 from rmu_analysis.organism.world import SUBJECTS, generate_world
-
-from conftest import make_tiny_llama
+from rmu_analysis.recipes import organism_plan
+from rmu_analysis.testing import tiny_llama
+from rmu_analysis.unlearning import UnlearnResult
 
 EVAL = E.EvalSettings(confidence_prompts=3, confidence_tokens=2, eval_texts=4, batch_size=8)
 
@@ -33,8 +36,7 @@ def tiny_world():
 @pytest.fixture()
 def bench(tiny_world):
     data, tok = tiny_world
-    model = make_tiny_llama(len(tok), n_layers=4, hidden=32)
-    model._rmu_tokenizer = tok
+    model = tiny_llama(len(tok), n_layers=4, hidden=32, tokenizer=tok)
     return E.Workbench(model, tok, data, model_id="tiny")
 
 
@@ -128,7 +130,7 @@ def counting(monkeypatch):
         calls.append(s.key())
         return fake_row(s)
 
-    monkeypatch.setattr(E, "run_one", fake)
+    monkeypatch.setattr(runner, "run_one", fake)
     return calls
 
 
@@ -162,7 +164,7 @@ def test_crash_mid_sweep_leaves_only_complete_files(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return fake_row(s)
 
-    monkeypatch.setattr(E, "run_one", crashing)
+    monkeypatch.setattr(runner, "run_one", crashing)
     with pytest.raises(KeyboardInterrupt):
         E.run_sweep(specs, tmp_path, bench=None, progress=False)
     files = sorted(tmp_path.iterdir())
@@ -172,13 +174,13 @@ def test_crash_mid_sweep_leaves_only_complete_files(tmp_path, monkeypatch):
     def bad_replace(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(E, "run_one", lambda s, b: fake_row(s))
+    monkeypatch.setattr(runner, "run_one", lambda s, b: fake_row(s))
     monkeypatch.setattr("rmu_analysis._io.os.replace", bad_replace)
     with pytest.raises(KeyboardInterrupt):
         E.run_sweep(specs, tmp_path, bench=None, progress=False)
     assert sorted(tmp_path.iterdir()) == files
     monkeypatch.undo()
-    monkeypatch.setattr(E, "run_one", lambda s, b: fake_row(s))
+    monkeypatch.setattr(runner, "run_one", lambda s, b: fake_row(s))
     assert E.run_sweep(specs, tmp_path, bench=None, progress=False).ran == 3
 
 
@@ -239,8 +241,7 @@ def test_evaluation_copy_equals_applying_in_place(tiny_world, bench):
     s = spec("rmu", layer=1, coeff=3.0, steps=3, lr=1e-2, alpha=10.0)
     a = E.run_one(s, bench)
     data, tok = tiny_world
-    model = make_tiny_llama(len(tok), n_layers=4, hidden=32)
-    model._rmu_tokenizer = tok
+    model = tiny_llama(len(tok), n_layers=4, hidden=32, tokenizer=tok)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     b = E.run_one(s, E.Workbench(model, tok, data, model_id="tiny", eval_copy=False))
     for n, p in model.named_parameters():
@@ -249,17 +250,20 @@ def test_evaluation_copy_equals_applying_in_place(tiny_world, bench):
         assert a[field] == b[field], field
 
 
-def test_evaluation_model_restores_the_previous_runs_tensors(bench):
+def test_installed_puts_each_runs_tensors_into_the_evaluation_copy_and_back(bench):
     names = [n for n, _ in bench.model.named_parameters() if "down_proj" in n]
-    first = {names[0]: torch.ones_like(dict(bench.model.named_parameters())[names[0]])}
-    twin = bench.evaluation_model(first)
-    assert torch.equal(dict(twin.named_parameters())[names[0]], first[names[0]])
-    second = {names[2]: torch.zeros_like(dict(bench.model.named_parameters())[names[2]])}
-    twin = bench.evaluation_model(second)
-    orig = dict(bench.model.named_parameters())
-    assert torch.equal(dict(twin.named_parameters())[names[0]], orig[names[0]])
-    assert torch.equal(dict(twin.named_parameters())[names[2]], second[names[2]])
-    assert not torch.equal(orig[names[2]], second[names[2]])
+    orig = {n: p.detach().clone() for n, p in bench.model.named_parameters()}
+    first = UnlearnResult(config=None, topics=(), trained={names[0]: torch.ones_like(orig[names[0]])}, log=[],
+                          coefficients={}, control_vectors={}, steps=0, applied=False)
+    with bench.installed(first) as model:
+        assert model is not bench.model
+        assert torch.equal(dict(model.named_parameters())[names[0]], first.trained[names[0]])
+    second = dataclasses.replace(first, trained={names[2]: torch.zeros_like(orig[names[2]])})
+    with bench.installed(second) as model:
+        params = dict(model.named_parameters())
+        assert torch.equal(params[names[0]], orig[names[0]])  # the previous run's tensor is back
+        assert torch.equal(params[names[2]], second.trained[names[2]])
+    assert all(torch.equal(p, orig[n]) for n, p in bench.model.named_parameters())
 
 
 def test_baseline_run_and_wrong_workbench(bench):
@@ -374,7 +378,7 @@ def test_table1_selection_and_markdown():
 
 # ---------------------------------------------------------------------------------------------- plans
 def test_plan_grids_sizes_and_coefficients():
-    plan = E.organism_plan()
+    plan = organism_plan()
     grids = E.plan_grids(plan, {l: 10.0 + l for l in plan.coeff_layers})
     assert len(grids["layer"]) == len(plan.layers) * 2 * len(plan.seeds) and len(plan.seeds) >= 3
     assert list(plan.layers) == E.valid_layers(12)
@@ -399,8 +403,7 @@ def tiny_bench_factory() -> E.Workbench:
                            forget_docs=24, retain_docs=24)
     tok = train_tokenizer(world.forget_corpus["bio"] + world.forget_corpus["cyber"] + world.retain_corpus,
                           vocab_size=300, min_frequency=1)
-    model = make_tiny_llama(len(tok), n_layers=4, hidden=32)
-    model._rmu_tokenizer = tok
+    model = tiny_llama(len(tok), n_layers=4, hidden=32, tokenizer=tok)
     return E.Workbench(model, tok, E.ExperimentData("tiny", world.forget_corpus, world.retain_corpus, world.mcq,
                                                     SUBJECTS), model_id="tiny")
 

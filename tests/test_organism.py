@@ -147,7 +147,10 @@ def test_shipped_model_meets_its_targets():
     for domain in DOMAINS:
         assert report["accuracy"][domain]["cloze"] >= 0.85, (domain, report["accuracy"][domain])
     norms = report["block_norms"]["retain"]
-    assert all(b > a for a, b in zip(norms[:-2], norms[1:-1])), norms  # growth with depth (last block aside)
     model, tok = load_organism()
     measured = block_norms(model, tok, organism_corpora()["retain"][:64])
-    assert measured == pytest.approx(norms, abs=1e-3)
+    # the shipped report read hidden_states[l + 1], whose last entry is after the final norm (18.7 there); the raw
+    # output of the last block, which block_norms now reads, is larger: the norm grows through every block
+    assert measured[:-1] == pytest.approx(norms[:-1], abs=1e-3) and measured[-1] > 24 > norms[-1]
+    assert all(b > a for a, b in zip(measured, measured[1:])), measured
+    assert measured[-1] / measured[0] >= 2.5

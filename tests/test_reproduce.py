@@ -12,10 +12,13 @@ import pytest  # noqa: E402
 
 from rmu_analysis import experiments as E  # noqa: E402
 from rmu_analysis import reproduce as R  # noqa: E402
+from rmu_analysis.experiments import cli as sweep_cli  # noqa: E402
+from rmu_analysis.experiments import runner  # noqa: E402
+from rmu_analysis.experiments.theory_checks import theory_layer  # noqa: E402
 from rmu_analysis.organism.tokenizer import train_tokenizer  # noqa: E402
 from rmu_analysis.organism.world import SUBJECTS, generate_world  # noqa: E402
-
-from conftest import make_tiny_llama  # noqa: E402
+from rmu_analysis.recipes import model_plan, organism_plan  # noqa: E402
+from rmu_analysis.testing import save_tiny_model_and_corpora, tiny_llama  # noqa: E402
 
 EVAL = E.EvalSettings(scoring="cloze", confidence_prompts=3, confidence_tokens=2, eval_texts=4, batch_size=16)
 
@@ -31,7 +34,7 @@ def tiny():
 
 
 def tiny_plan(**kw):
-    grid = E._grid(ga=[{"lr": 1e-3}], graddiff=[{"lr": 1e-3}], npo=[{"lr": 1e-3}],
+    grid = E.grid_points(ga=[{"lr": 1e-3}], graddiff=[{"lr": 1e-3}], npo=[{"lr": 1e-3}],
                    rmu=[{"coeff": 1.0, "lr": 1e-2, "alpha": 10.0}], adaptive_rmu=[{"coeff": 5.0, "lr": 1e-2, "alpha": 10.0}])
     base = dict(layers=(2, 3), c=1.0, steps=2, lr=1e-2, alpha=10.0, table_layer=3, table_grid=grid, seeds=(0,),
                 coeff_layers=(2, 3), coeff_ratios=(0.5, 4.0), model="tiny", data="tiny", eval=EVAL)
@@ -40,18 +43,17 @@ def tiny_plan(**kw):
 
 def test_reproduce_end_to_end_and_resume(tiny, tmp_path, monkeypatch):
     data, tok = tiny
-    model = make_tiny_llama(len(tok), n_layers=4, hidden=32)
-    model._rmu_tokenizer = tok
+    model = tiny_llama(len(tok), n_layers=4, hidden=32, tokenizer=tok)
     bench = E.Workbench(model, tok, data, model_id="tiny")
     plan = tiny_plan()
     calls = []
-    real = E.run_one
+    real = runner.run_one
 
     def counting(spec, b):
         calls.append(spec.key())
         return real(spec, b)
 
-    monkeypatch.setattr(E, "run_one", counting)
+    monkeypatch.setattr(runner, "run_one", counting)
     summary = R.reproduce(tmp_path, plan=plan, bench=bench, progress=False, quick=True)
     norms = json.loads((tmp_path / "results" / "norms.json").read_text())["norms"]
     grids = E.plan_grids(plan, {int(k): v for k, v in norms.items()})
@@ -89,7 +91,7 @@ def test_reproduce_end_to_end_and_resume(tiny, tmp_path, monkeypatch):
 def test_quick_and_full_plans_fit_the_organism():
     from rmu_analysis.organism import SCORING
 
-    quick, full = E.organism_plan(quick=True), E.organism_plan()
+    quick, full = organism_plan(quick=True), organism_plan()
     norms = {l: 10.0 for l in range(12)}
     n_quick = len({s.key() for g in E.plan_grids(quick, norms).values() for s in g})
     n_full = len({s.key() for g in E.plan_grids(full, norms).values() for s in g})
@@ -102,20 +104,20 @@ def test_cli_parsers():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     R.add_reproduce_parser(sub)
-    E.add_sweep_parser(sub)
+    sweep_cli.add_sweep_parser(sub)
     args = parser.parse_args(["reproduce", "--quick", "--out", "x"])
-    assert args.quick and str(args.out) == "x" and args.func is R._reproduce_command
+    assert args.quick and str(args.out) == "x" and args.func is R.reproduce_command
     args = parser.parse_args(["sweep", "--experiment", "layer", "--shard", "2/8", "--results", "r"])
-    assert args.shard == "2/8" and args.func is E._sweep_command
+    assert args.shard == "2/8" and args.func is sweep_cli.sweep_command
     args = parser.parse_args(["sweep", "--results", "r", "--model", "/m"])
     with pytest.raises(ValueError, match="--forget-files"):
-        E.plan_from_args(args)
+        sweep_cli.plan_from_args(args)
     args = parser.parse_args(["sweep", "--results", "r", "--forget-files", "bio=x.jsonl", "--layer", "3"])
     with pytest.raises(ValueError, match="--forget-files, --layer: only for --model PATH"):
-        E.plan_from_args(args)  # never silently ignored: the organism would run instead of the user's data
+        sweep_cli.plan_from_args(args)  # never silently ignored: the organism would run instead of the user's data
     args = parser.parse_args(["reproduce", "--quick", "--model", "/m"])
     with pytest.raises(ValueError, match="--quick is the organism's reduced plan"):
-        E.plan_from_args(args)
+        sweep_cli.plan_from_args(args)
 
 
 def test_console_script_has_reproduce_and_sweep():
@@ -123,25 +125,23 @@ def test_console_script_has_reproduce_and_sweep():
 
     parser = build_parser()
     args = parser.parse_args(["reproduce", "--quick"])
-    assert args.func is R._reproduce_command and args.quick
+    assert args.func is R.reproduce_command and args.quick
     args = parser.parse_args(["sweep", "--results", "r", "--shard", "1/4", "--experiment", "table1"])
-    assert args.func is E._sweep_command and args.shard == "1/4"
+    assert args.func is sweep_cli.sweep_command and args.shard == "1/4"
 
 
 def test_theory_layer_moves_off_the_last_block(tiny):
     data, tok = tiny
-    model = make_tiny_llama(len(tok), n_layers=4, hidden=32)
+    model = tiny_llama(len(tok), n_layers=4, hidden=32)
     bench = E.Workbench(model, tok, data, model_id="tiny")
-    assert R.theory_layer(bench, tiny_plan(table_layer=3)) == 2
-    assert R.theory_layer(bench, tiny_plan(table_layer=1)) == 1
+    assert theory_layer(bench, tiny_plan(table_layer=3)) == 2
+    assert theory_layer(bench, tiny_plan(table_layer=1)) == 1
 
 
 def test_sweep_on_a_saved_model_from_files_resumes_and_shards(tiny_tokenizer, tmp_path, capsys):
     """The real-model path: a tiny random HF model saved to disk, WMDP-format corpora and question files."""
     from rmu_analysis.cli import main
     from rmu_analysis.data import write_mcq
-
-    from conftest import save_tiny_model_and_corpora
 
     model_dir, bio, cyber, retain = save_tiny_model_and_corpora(tmp_path, tiny_tokenizer, 140)
     q = [{"question": f"Which host does pathogen {i} infect?", "choices": ["bats", "mice", "birds", "pigs"],
@@ -156,7 +156,7 @@ def test_sweep_on_a_saved_model_from_files_resumes_and_shards(tiny_tokenizer, tm
     first = {p.name for p in results.glob("*.json")}
     assert main([*argv, "--shard", "1/2"]) == 0
     both = {p.name for p in results.glob("*.json")}
-    grid = E.model_plan(4, model=str(model_dir), data="x", layer=2).grid()
+    grid = model_plan(4, model=str(model_dir), data="x", layer=2).grid()
     n_runs = sum(len(points) for points in grid.values())
     assert 0 < len(first) < len(both) == n_runs  # the shards partition the grid; together they cover it
     capsys.readouterr()
@@ -170,7 +170,7 @@ def test_sweep_on_a_saved_model_from_files_resumes_and_shards(tiny_tokenizer, tm
 
 def test_reproduce_theory_only(tiny, tmp_path):
     data, tok = tiny
-    model = make_tiny_llama(len(tok), n_layers=4, hidden=32)
+    model = tiny_llama(len(tok), n_layers=4, hidden=32)
     bench = E.Workbench(model, tok, data, model_id="tiny")
     summary = R.reproduce(tmp_path, plan=tiny_plan(), bench=bench, progress=False, quick=True, experiments=("theory",))
     assert "proposition1" in summary["theory"] and "layer_sweep" not in summary  # no sweep ran, nothing to concat

@@ -12,86 +12,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import random
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 import torch
 
 from rmu_analysis.models import decoder_blocks, load_model
+from rmu_analysis.recipes import PRESETS
+from rmu_analysis.testing import (
+    Case, max_diff, organism_case, snapshot, tiny_case,
+)
 from rmu_analysis.unlearning import (
-    PRESETS, AdaptiveRMUConfig, GAConfig, GradDiffConfig, NonFiniteLossError, NPOConfig, PrefixCache, RMUConfig,
+    AdaptiveRMUConfig, GAConfig, GradDiffConfig, NonFiniteLossError, NPOConfig, PrefixCache, RMUConfig,
     config_from_dict, load_log, save_unlearned, unlearn, unlearn_reference, unlearn_sweep,
 )
 from rmu_analysis.unlearning.baselines import mean_nll
-from rmu_analysis.unlearning.common import loss_masks, mse, reference_padding, tokenize
-from rmu_analysis.unlearning.engine import _master_copies
-from rmu_analysis.unlearning.common import select_trained
-
-from conftest import make_tiny_llama
-
-FORGET_WORDS = "pathogen host bats mice birds virus infect which answer question".split()
-RETAIN_WORDS = "the city of Varon lies on river Elm encyclopedic people chemistry text".split()
-
-
-def synthetic_texts(n: int, seed: int, words=FORGET_WORDS, lo: int = 3, hi: int = 20) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(lo, hi))) for _ in range(n)]
-
-
-@dataclass
-class Case:
-    """A model and data to unlearn on, with settings under which 20 steps visibly move the weights."""
-
-    model: Any
-    tokenizer: Any
-    forget: dict
-    retain: list
-    layer: int
-    coeff: float
-    beta: float
-    lr: float
-    forget_max_length: tuple
-    retain_max_length: int
-
-    def config(self, method: str = "rmu", **kw):
-        common = dict(layer=self.layer, alpha=10.0, lr=self.lr, steps=20, forget_max_length=self.forget_max_length,
-                      retain_max_length=self.retain_max_length, log_every=5)
-        common.update(kw)
-        if method == "rmu":
-            return RMUConfig(steering_coeff=common.pop("steering_coeff", self.coeff), **common)
-        return AdaptiveRMUConfig(beta=common.pop("beta", self.beta), **common)
-
-
-def tiny_case(tokenizer) -> Case:
-    model = make_tiny_llama(len(tokenizer), n_layers=5)  # l = 3: trained blocks 1-3, frozen prefix block 0, block 4 after
-    forget = {"bio": synthetic_texts(40, 1), "cyber": synthetic_texts(40, 2)}
-    return Case(model, tokenizer, forget, synthetic_texts(40, 3, RETAIN_WORDS), layer=3, coeff=20.0, beta=3.0, lr=1e-3,
-                forget_max_length=(24, 32), retain_max_length=24)
-
-
-def organism_case() -> Case:
-    organism = pytest.importorskip("rmu_analysis.organism")
-    if not all(hasattr(organism, n) for n in ("load_organism", "organism_corpora")):
-        pytest.skip("the organism is not built yet")
-    try:
-        model, tok = organism.load_organism()
-        corpora = organism.organism_corpora()
-    except FileNotFoundError as exc:  # OrganismMissingError: the assets are not built yet
-        pytest.skip(str(exc))
-    model = model.float().eval()
-    layer = len(decoder_blocks(model)) // 4  # l = 3, the organism recipes' layer: trained 1-3, prefix block 0
-    forget = {t: list(v[:40]) for t, v in corpora["forget"].items()}
-    retain = list(corpora["retain"][:40])
-    with reference_padding(tok):
-        inputs = tokenize(tok, forget[next(iter(forget))][:4], 64, torch.device("cpu"))
-    with torch.no_grad():
-        h = model(**inputs, output_hidden_states=True).hidden_states[layer + 1]
-    norm = float(h.norm(dim=-1).mean())
-    return Case(model, tok, forget, retain, layer=layer, coeff=4 * norm, beta=4.0, lr=1e-3,
-                forget_max_length=(64, 96), retain_max_length=64)
-
+from rmu_analysis.unlearning.common import loss_masks, mse, reference_padding, select_trained, tokenize
+from rmu_analysis.unlearning.engine import master_copies
 
 CASES = ["tiny", "organism"]
 
@@ -107,17 +43,8 @@ def tiny(tiny_tokenizer) -> Case:
     return tiny_case(tiny_tokenizer)
 
 
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def same_state(model, snap) -> bool:
     return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 # ------------------------------------------------------------------------ engine == reference
@@ -371,7 +298,7 @@ def test_save_unlearned_is_atomic(tiny, tmp_path, monkeypatch):
 def test_bf16_model_trains_through_fp32_master_copies(tiny):
     model = copy.deepcopy(tiny.model).to(torch.bfloat16)
     trained = select_trained(model, (1, 2, 3), None)
-    assert all(m.dtype == torch.float32 and m.requires_grad for m in _master_copies(model, trained))
+    assert all(m.dtype == torch.float32 and m.requires_grad for m in master_copies(model, trained))
     cfg = tiny.config(steps=20, lr=2e-5)  # per-step updates mostly below bf16 resolution
     fast = unlearn(model, tiny.tokenizer, tiny.forget, tiny.retain, cfg, progress=False)
     plain = unlearn_reference(model, tiny.tokenizer, tiny.forget, tiny.retain, cfg, progress=False)
@@ -385,7 +312,7 @@ def test_bf16_model_trains_through_fp32_master_copies(tiny):
 
 @pytest.mark.parametrize("run", [unlearn, unlearn_reference])
 def test_cudnn_attention_is_off_while_training_and_restored(tiny, run):
-    """cuDNN's attention backward gives NaN on left-padded bf16 batches (engine.no_cudnn_attention)."""
+    """cuDNN's attention backward gives NaN on left-padded bf16 batches (models.no_cudnn_attention)."""
     seen = []
     handle = decoder_blocks(tiny.model)[2].register_forward_pre_hook(
         lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from rmu_analysis.data import write_mcq
+from rmu_analysis.testing import save_tiny_model_and_corpora
 from rmu_analysis.unlearning import AdaptiveRMUConfig, RMUConfig, config_from_dict
 from rmu_analysis.cli import main
 from rmu_analysis.unlearning.cli import add_evaluate_parser, add_unlearn_parser, build_config
 
-from conftest import save_tiny_model_and_corpora
 
 
 def parse(*argv):

@@ -2,7 +2,9 @@
 
 ``load_organism()`` returns ``(model, tokenizer)`` from the files shipped inside the package (no network);
 ``organism_corpora()`` and ``organism_mcq()`` return its forget/retain corpora and held-out question sets in the
-reference formats (PAPER.md §6). ``build_organism()`` trains it anew (``rmu-analysis organism build``).
+reference formats (WMDP's corpora and question records). ``build_organism()`` trains it anew
+(``rmu-analysis organism build``). ``load_model("organism")`` finds :func:`load_organism` through the model registry
+(``models.MODELS``).
 """
 from __future__ import annotations
 
@@ -10,13 +12,19 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
+
+from ..data import load_forget_corpus, load_mcq, load_text_corpus
+from ..models import attach_tokenizer
+
 #: How the organism's questions are scored by default. It answers held-out questions well in the cloze format
 #: (log-likelihood of each choice's text) but never learned the lettered WMDP format within its CPU build budget
 #: (see README, "The model organism"); both scorers stay available everywhere.
 SCORING = "cloze"
 ASSETS = Path(__file__).resolve().parent / "assets"
-DATA = ASSETS / "data"
-from .world import DOMAINS, SUBJECTS, TOPICS  # noqa: E402  (tiny module, no heavy imports)
+from .world import DOMAINS, SUBJECTS, TOPICS, generate_world  # noqa: E402  (after ASSETS: build.py reads it)
+from .build import build_organism  # noqa: E402
 
 
 class OrganismMissingError(FileNotFoundError):
@@ -34,10 +42,6 @@ def _require(path: Path) -> Path:
 
 def load_organism(path: str | Path | None = None, *, dtype=None):
     """Load the shipped organism (or one built to ``path``): returns ``(model, tokenizer)`` in eval mode, on CPU."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from transformers.utils import logging as hf_logging
-
     root = Path(path) if path is not None else ASSETS
     _require(root / "model.safetensors")
     bars = hf_logging.is_progress_bar_enabled()
@@ -50,7 +54,7 @@ def load_organism(path: str | Path | None = None, *, dtype=None):
             hf_logging.enable_progress_bar()
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(root)
-    model._rmu_tokenizer = tokenizer
+    attach_tokenizer(model, tokenizer)
     return model, tokenizer
 
 
@@ -62,8 +66,6 @@ def build_report(path: str | Path | None = None) -> dict:
 
 @lru_cache(maxsize=4)
 def _corpora(root: str) -> dict:
-    from ..data import load_forget_corpus, load_text_corpus
-
     data = Path(root) / "data"
     return {
         "forget": {
@@ -82,21 +84,5 @@ def organism_corpora(path: str | Path | None = None) -> dict:
 
 def organism_mcq(path: str | Path | None = None) -> dict[str, list[dict]]:
     """Held-out multiple-choice sets ``{"bio": [...], "cyber": [...], "general": [...]}`` (records as in WMDP)."""
-    from ..data import load_mcq
-
     data = Path(path if path is not None else ASSETS) / "data"
     return {d: load_mcq(_require(data / f"{d}-mcq.jsonl")) for d in ("bio", "cyber", "general")}
-
-
-def build_organism(*args, **kwargs):
-    """Train the organism from scratch; see :func:`rmu_analysis.organism.build.build_organism`."""
-    from .build import build_organism as _build
-
-    return _build(*args, **kwargs)
-
-
-def generate_world(*args, **kwargs):
-    """The synthetic world; see :func:`rmu_analysis.organism.world.generate_world`."""
-    from .world import generate_world as _gen
-
-    return _gen(*args, **kwargs)

@@ -17,8 +17,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from .._io import atomic_directory, atomic_write_json, check_output_dir
+from ..activations import token_norms
+from ..data import write_jsonl, write_mcq
+from ..evaluation import evaluate_mcq
+from . import ASSETS
 from . import world as W
 from .tokenizer import train_tokenizer
 
@@ -63,8 +69,6 @@ class BuildConfig:
 
 
 def model_config(cfg: BuildConfig, vocab_size: int, tokenizer):
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.mlp, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, max_position_embeddings=cfg.max_positions,
@@ -132,9 +136,6 @@ def _param_groups(model, cfg: BuildConfig) -> list[dict]:
 def train_model(cfg: BuildConfig, world: W.World, tokenizer, *, progress: bool = True,
                 callback: Callable[[int, object, float], None] | None = None):
     """Train the organism's LlamaForCausalLM; returns (model, list of (step, loss))."""
-    from transformers import LlamaForCausalLM
-    from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
-
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(model_config(cfg, len(tokenizer), tokenizer))
     with torch.no_grad():
@@ -181,26 +182,14 @@ def train_model(cfg: BuildConfig, world: W.World, tokenizer, *, progress: bool =
 
 
 def block_norms(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[float]:
-    """Mean token norm of every block's output (``hidden_states[l+1]``), BOS and padding excluded."""
-    totals = None
-    count = 0
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i: i + batch_size], return_tensors="pt", padding=True)
-            out = model(**enc, output_hidden_states=True)
-            mask = enc["attention_mask"].clone()
-            mask[:, 0] = 0  # right padding: position 0 is BOS
-            norms = torch.stack([h.norm(dim=-1) for h in out.hidden_states[1:]])  # [L, B, T]
-            s = (norms * mask).sum(dim=(1, 2))
-            totals = s if totals is None else totals + s
-            count += int(mask.sum())
-    return [round(float(x) / count, 4) for x in totals]
+    """Mean token norm of every block's raw output (``activations.token_norms``: the last block's too, not the
+    final-normed ``hidden_states[-1]``), over every token of ``texts`` but padding and BOS, to 4 decimals."""
+    norms = token_norms(model, list(texts), "all", tokenizer=tokenizer, exclude_bos=True, batch_size=batch_size)
+    return [round(float(norms[l].mean()), 4) for l in sorted(norms)]
 
 
 def evaluate_organism(model, tokenizer, world: W.World) -> dict:
     """Letter and cloze accuracy on the held-out question sets (lm-eval-harness style scoring)."""
-    from ..evaluation import evaluate_mcq
-
     acc: dict[str, dict[str, float]] = {}
     for domain in W.DOMAINS:
         acc[domain] = {}
@@ -214,9 +203,6 @@ def evaluate_organism(model, tokenizer, world: W.World) -> dict:
 def build_organism(out_dir: str | Path | None = None, config: BuildConfig | None = None, *,
                    overwrite: bool = False, progress: bool = True) -> dict:
     """Build the organism end to end and write it to ``out_dir`` (default: the package's assets). Returns the report."""
-    from ..data import write_jsonl, write_mcq
-    from . import ASSETS
-
     cfg = config or BuildConfig()
     out_dir = Path(out_dir) if out_dir is not None else ASSETS
     check_output_dir(out_dir, overwrite=overwrite)  # fail before ten minutes of training, not after

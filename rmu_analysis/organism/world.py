@@ -13,6 +13,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from ..evaluation import mcq_continuations, mcq_prompt
+
 TOPICS = ("bio", "cyber")
 DOMAINS = ("bio", "cyber", "general")
 SUBJECTS = {"bio": "biology", "cyber": "cybersecurity", "general": "general knowledge"}
@@ -245,8 +247,6 @@ def _question(fact: Fact, frame: str, rng: random.Random) -> dict:
 
 def training_question(fact: Fact, rng: random.Random, scoring: str = "letter") -> str:
     """A question about ``fact`` in a *training* frame with its answer: lettered (WMDP template) or cloze."""
-    from ..evaluation import mcq_continuations, mcq_prompt
-
     q = _question(fact, rng.choice(TRAIN_QUESTION_FRAMES), rng)
     subject = SUBJECTS[fact.domain] if scoring == "letter" else None
     return mcq_prompt(q, subject, scoring=scoring) + mcq_continuations(q, scoring=scoring)[q["answer"]]

@@ -11,10 +11,11 @@ from typing import Any
 
 from torch import nn
 
+from ..models import resolve_tokenizer
 from .baselines import unlearn_baseline
 from .common import NonFiniteLossError, prepare_corpora
 from .config import (
-    CONFIG_CLASSES, PRESETS, AdaptiveRMUConfig, GAConfig, GradDiffConfig, NPOConfig, RMUConfig, config_from_dict,
+    CONFIG_CLASSES, AdaptiveRMUConfig, GAConfig, GradDiffConfig, NPOConfig, RMUConfig, config_from_dict,
 )
 from .engine import PrefixCache, unlearn_rmu, unlearn_sweep
 from .reference import unlearn_reference
@@ -32,8 +33,6 @@ def unlearn(
     vector per topic, used as given (default: drawn from ``config.seed`` as the reference does).
     ``prefix_cache``: share frozen-prefix activations across runs (RMU only). ``config`` None = ``RMUConfig()``.
     """
-    from ..models import resolve_tokenizer
-
     config = RMUConfig() if config is None else config
     if tokenizer is None:
         tokenizer = resolve_tokenizer(model)
@@ -52,5 +51,5 @@ def unlearn(
 __all__ = [
     "unlearn", "unlearn_reference", "unlearn_sweep", "unlearn_rmu", "unlearn_baseline", "save_unlearned",
     "load_log", "UnlearnResult", "PrefixCache", "RMUConfig", "AdaptiveRMUConfig", "GAConfig", "GradDiffConfig",
-    "NPOConfig", "PRESETS", "config_from_dict", "NonFiniteLossError", "prepare_corpora",
+    "NPOConfig", "config_from_dict", "NonFiniteLossError", "prepare_corpora",
 ]

@@ -18,13 +18,13 @@ from torch import nn
 from torch.func import functional_call
 from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
-from ..models import model_device
+from ..models import frozen_parameters, model_device
 from .common import (
     batch_texts, check_finite, mlp_tensors, prepare_corpora, reference_padding, resolve_layers, runnable_steps,
     select_trained, sequence_lengths, step_batch, tokenize,
 )
 from .config import GAConfig, GradDiffConfig, NPOConfig
-from .engine import finish_result, frozen_parameters
+from .engine import finish_result, master_copies
 from .result import UnlearnResult
 
 
@@ -59,7 +59,7 @@ def unlearn_baseline(
 
     named = dict(model.named_parameters())
     model_params = [named[t.full_name] for t in trained]
-    masters = [p.detach().to(torch.float32, copy=True).requires_grad_(True) for p in model_params]
+    masters = master_copies(model, trained)
     optimizer = torch.optim.AdamW(
         masters, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay
     )

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from .._io import check_output_dir, check_output_file
-from .config import CONFIG_CLASSES, PRESETS
+from ..evaluation import WMDP_SUBJECTS
+from ..recipes import PRESETS
+from .config import CONFIG_CLASSES
 
 METHODS = tuple(CONFIG_CLASSES)
 #: Subject names of the WMDP topics in the lm-eval prompt (records with a "subject" field use their own; the
 #: organism's question sets use ``rmu_analysis.organism.SUBJECTS``).
-SUBJECTS = {"bio": "biology", "cyber": "cybersecurity", "chem": "chemistry"}  # lm-eval's WMDP descriptions
+SUBJECTS = WMDP_SUBJECTS
 
 
 def add_unlearn_parser(subparsers) -> argparse.ArgumentParser:

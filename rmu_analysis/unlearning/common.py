@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._batching import context_length
+from ..activations import mean_token_norm
 from ..models import block_path, check_layer, decoder_blocks, down_proj_pattern, num_blocks
 
 
@@ -269,13 +270,6 @@ def resolve_layers(model: nn.Module, config) -> tuple[int, tuple[int, ...]]:
 
 
 # ---------------------------------------------------------------------------------- control vectors
-def hidden_size(model: nn.Module) -> int:
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
-    size = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
-    return int(size) if size else int(model.get_input_embeddings().weight.shape[1])
-
-
 def draw_control_vectors(n: int, dim: int, seed: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     """The reference construction (§2, §6): per topic ``torch.rand(1, 1, d)`` from a generator seeded with
     ``seed``, divided by its norm. Returns unit vectors of shape (d,) in ``dtype`` on ``device``.
@@ -350,16 +344,6 @@ def mse(acts: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> 
     return ((acts - target) ** 2 * m).sum() / (m.sum().clamp_min(1) * acts.shape[-1])
 
 
-def token_norm_mean(acts: torch.Tensor, mask: torch.Tensor | None, *, per_sample: bool = False) -> torch.Tensor:
-    """Mean per-token L2 norm of ``acts`` (over ``mask`` when given): a scalar, or one value per sequence."""
-    norms = acts.detach().float().norm(dim=-1)  # [B, T]
-    if mask is None:
-        return norms.mean(dim=1) if per_sample else norms.mean(dim=1).mean(dim=0)
-    m = mask.to(norms.device).float()
-    per_seq = (norms * m).sum(dim=1) / m.sum(dim=1).clamp_min(1)
-    return per_seq if per_sample else (norms * m).sum() / m.sum().clamp_min(1)
-
-
 def mean_cosine(acts: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None) -> float:
     """Mean cos(h, u) over the covered positions (the alignment of Fig. 2e–h)."""
     cos = F.cosine_similarity(acts.detach().float(), u.to(acts.device).float().reshape(1, 1, -1), dim=-1)
@@ -391,7 +375,7 @@ def log_row(
         "retain_loss": retain_loss,
         "loss": forget_loss + alpha * retain_loss,
         "coefficient": coefficient,
-        "forget_norm": float(token_norm_mean(h_forget, forget_mask)),
-        "retain_norm": float(token_norm_mean(h_retain, retain_mask)),
+        "forget_norm": float(mean_token_norm(h_forget, forget_mask)),
+        "retain_norm": float(mean_token_norm(h_retain, retain_mask)),
         "cos_forget_u": mean_cosine(h_forget, u, forget_mask),
     }

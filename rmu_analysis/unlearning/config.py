@@ -263,26 +263,6 @@ CONFIG_CLASSES: dict[str, type] = {name: cls for cls, name in METHOD_NAMES.items
 #: Named recipes. Zephyr-7B-β (32 blocks): l = 7, blocks 5–7, c = 6.5 or β = 5, α = 1200, lr 5e-5, batch 4,
 #: 500 steps (the paper; WMDP's released model used 150), bio (max length 512) + cyber (768), retain 512.
 #: The organism's recipes are the settings chosen by ``benchmarks/organism_methods.py``.
-PRESETS: dict[str, _UnlearnConfig] = {
-    "zephyr-7b-rmu": RMUConfig(
-        layer=7, trained_layers=(5, 6, 7), steering_coeff=6.5, alpha=1200.0, lr=5e-5, batch_size=4, steps=500,
-        forget_max_length=(512, 768), retain_max_length=512,
-    ),
-    "zephyr-7b-adaptive-rmu": AdaptiveRMUConfig(
-        layer=7, trained_layers=(5, 6, 7), beta=5.0, alpha=1200.0, lr=5e-5, batch_size=4, steps=500,
-        forget_max_length=(512, 768), retain_max_length=512, coefficient="first-batch",
-    ),
-    # The model organism (12 blocks, width 128): l = 3 (a quarter of the depth), blocks 1-3, one pass over its
-    # corpora (200 steps). lr 1e-2 and α = 100 instead of 5e-5 / 1200: at the paper's values nothing moves in
-    # a 384-wide MLP (tuned in benchmarks/organism_methods.py, where c = 40 is the best of c ∈ {6.5 … 80};
-    # Adaptive RMU's β = 5 gives c ≈ 41 there without a search).
-    "organism-rmu": RMUConfig(layer=3, steering_coeff=40.0, alpha=100.0, lr=1e-2, batch_size=4, steps=200),
-    "organism-adaptive-rmu": AdaptiveRMUConfig(
-        layer=3, beta=5.0, alpha=100.0, lr=1e-2, batch_size=4, steps=200, coefficient="first-batch",
-    ),
-}
-
-
 def config_from_dict(data: dict[str, Any]) -> _UnlearnConfig:
     """Rebuild a config from ``to_dict()`` output (e.g. a saved ``rmu_config.json``)."""
     data = dict(data)

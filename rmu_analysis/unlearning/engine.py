@@ -22,63 +22,42 @@ model is left as it was in both modes.
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
-from ..models import decoder_blocks, model_device
+from .. import hooks
+from ..activations import mean_token_norm
+from ..models import frozen_parameters, hidden_size, model_device
 from .common import (
-    TrainedTensor, batch_texts, check_finite, hidden_size, log_row, loss_masks, mse, prepare_control_vectors,
-    prepare_corpora, reference_padding, resolve_layers, runnable_steps, select_trained, sequence_lengths, step_batch,
-    token_norm_mean, tokenize,
+    TrainedTensor, batch_texts, check_finite, log_row, loss_masks, mse, prepare_control_vectors, prepare_corpora,
+    reference_padding, resolve_layers, runnable_steps, select_trained, sequence_lengths, step_batch, tokenize,
 )
 from .config import AdaptiveRMUConfig, RMUConfig
 from .result import UnlearnResult
 
 
 # ------------------------------------------------------------------------------------ frozen prefix
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once the needed block has run."""
-
-
 @dataclass
 class Prefix:
-    """A batch's frozen prefix: the input of block ``first``, the (args, kwargs) the model passes to each
-    block first..last, and (optionally) the frozen output of block ``last``."""
+    """A batch's frozen prefix: each block first..last's call (the input of block ``first`` is
+    ``calls[first].hidden``; the other arguments are those the model passes: position embeddings, causal mask
+    ...), and (optionally) the frozen output of block ``last``."""
 
-    hidden: torch.Tensor
-    calls: list[tuple[tuple, dict]]  # one per block first..last, or a single one shared by all of them
+    calls: dict[int, hooks.BlockCall]  # one per block first..last (one object shared by all when they agree)
     frozen: torch.Tensor | None
-
-    def call(self, offset: int) -> tuple[tuple, dict]:
-        return self.calls[offset] if len(self.calls) > 1 else self.calls[0]
 
     def to(self, device: torch.device | str | None) -> "Prefix":
         if device is None:
             return self
-        move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
-        return Prefix(
-            hidden=self.hidden.to(device),
-            calls=[_tree_map(move, c) for c in self.calls],
-            frozen=None if self.frozen is None else self.frozen.to(device),
-        )
-
-
-def _tree_map(fn, obj):
-    if isinstance(obj, tuple):
-        return tuple(_tree_map(fn, o) for o in obj)
-    if isinstance(obj, list):
-        return [_tree_map(fn, o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _tree_map(fn, v) for k, v in obj.items()}
-    return fn(obj)
+        moved = {id(c): c.to(device) for c in self.calls.values()}
+        return Prefix(calls={i: moved[id(c)] for i, c in self.calls.items()},
+                      frozen=None if self.frozen is None else self.frozen.to(device))
 
 
 def _per_block_calls(model: nn.Module, first: int, last: int) -> bool:
@@ -91,43 +70,16 @@ def _per_block_calls(model: nn.Module, first: int, last: int) -> bool:
 
 
 @torch.no_grad()
-def run_prefix(model: nn.Module, inputs: dict, first: int, last: int, *, frozen: bool,
-               blocks: nn.ModuleList | None = None) -> Prefix:
-    """Frozen forward up to block ``first`` (and, when ``frozen``, on to the output of block ``last``)."""
-    blocks = decoder_blocks(model) if blocks is None else blocks
+def run_prefix(model: nn.Module, inputs: dict, first: int, last: int, *, frozen: bool) -> Prefix:
+    """Frozen forward up to block ``first`` (stopped before it runs), or, when ``frozen``, on to the output of
+    block ``last`` (stopped after it)."""
     per_block = _per_block_calls(model, first, last)
     run_to_last = frozen or per_block
-    calls: dict[int, tuple[tuple, dict]] = {}
-    out: list[torch.Tensor] = []
-
-    def pre_hook(index):
-        def hook(module, args, kwargs):
-            calls[index] = (args, dict(kwargs))
-            if index == first and not run_to_last:
-                raise _StopForward
-        return hook
-
-    def post_hook(module, args, output):
-        out.append(output[0] if isinstance(output, tuple) else output)
-        raise _StopForward
-
-    handles = [blocks[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True)
-               for i in (range(first, last + 1) if per_block else [first])]
-    if run_to_last:
-        handles.append(blocks[last].register_forward_hook(post_hook))
-    try:
-        model(**inputs, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    hidden = calls[first][0][0]
-    return Prefix(
-        hidden=hidden,
-        calls=[(calls[i][0][1:], calls[i][1]) for i in sorted(calls)],
-        frozen=out[0] if out else None,
-    )
+    rec = hooks.forward(model, inputs, [last] if run_to_last else (),
+                        calls=list(range(first, last + 1)) if per_block else [first],
+                        stop_after=last if run_to_last else None, stop_before=None if run_to_last else first)
+    calls = rec.calls if per_block else {i: rec.calls[first] for i in range(first, last + 1)}
+    return Prefix(calls=calls, frozen=rec.outputs.get(last))
 
 
 class PrefixCache:
@@ -155,8 +107,7 @@ class PrefixCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    def get(self, model: nn.Module, inputs: dict, first: int, last: int, *, frozen: bool,
-            blocks: nn.ModuleList | None = None) -> Prefix:
+    def get(self, model: nn.Module, inputs: dict, first: int, last: int, *, frozen: bool) -> Prefix:
         """The batch's prefix from the cache, or computed (``run_prefix``) and stored."""
         self._check_model(model)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -167,7 +118,7 @@ class PrefixCache:
             self.hits += 1
             return entry.to(ids.device) if self.device is not None else entry
         self.misses += 1
-        prefix = run_prefix(model, inputs, first, last, frozen=frozen, blocks=blocks)
+        prefix = run_prefix(model, inputs, first, last, frozen=frozen)
         self._entries[key] = prefix.to(self.device)
         if self.max_entries is not None:
             while len(self._entries) > self.max_entries:
@@ -187,61 +138,16 @@ class PrefixCache:
 
 
 # --------------------------------------------------------------------------------- trained blocks
-@contextlib.contextmanager
-def no_cudnn_attention() -> Iterator[None]:
-    """Scaled-dot-product attention by any backend but cuDNN while gradients are taken (restored on exit).
-
-    cuDNN's bf16/fp16 attention backward returns NaN in the query gradient when an explicit mask is passed
-    and the sequence length is 64 mod 128 (pytorch/pytorch#196678, torch 2.11 on H100/H200), and its forward
-    gives other values than every other backend on the padding rows of left-padded batches (which the
-    "reference" loss convention counts). Measured on an H200 with torch 2.11 (benchmarks/gpu_attention_check.py):
-    NaN gradients at length 64, a 79% gradient error at length 96; the organism recipe in bf16 went NaN at
-    step 3 with cuDNN and trains with it off. Flash / memory-efficient / math stay enabled, so CPU runs are
-    unchanged.
-    """
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3
-        yield
-        return
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        yield
+def run_trained(model: nn.Module, prefix: Prefix, first: int, last: int,
+                overrides: dict[int, dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Blocks first..last from the prefix, with ``overrides`` (block -> {name: tensor}) swapped in: block
+    ``last``'s output."""
+    outs = hooks.run_blocks(model, prefix.calls[first].hidden, prefix.calls, range(first, last + 1),
+                            overrides=overrides)
+    return outs[last]
 
 
-@contextlib.contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout), ``requires_grad`` off for every model parameter and no cuDNN attention
-    (``no_cudnn_attention``); all restored on exit, also on error. The trained tensors are separate leaves, so
-    they are the only ones that get gradients."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with no_cudnn_attention():
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(training)
-
-
-def run_blocks(blocks: nn.ModuleList, prefix: Prefix, first: int, last: int,
-               overrides: dict[int, dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Blocks first..last from the prefix, with ``overrides`` (block -> {name: tensor}) swapped in."""
-    h = prefix.hidden
-    for offset, i in enumerate(range(first, last + 1)):
-        args, kwargs = prefix.call(offset)
-        if i in overrides:
-            out = functional_call(blocks[i], overrides[i], (h, *args), kwargs, tie_weights=False)
-        else:
-            out = blocks[i](h, *args, **kwargs)
-        h = out[0] if isinstance(out, tuple) else out
-    return h
-
-
-def _master_copies(model: nn.Module, trained: Sequence[TrainedTensor]) -> list[torch.Tensor]:
+def master_copies(model: nn.Module, trained: Sequence[TrainedTensor]) -> list[torch.Tensor]:
     """Trainable copies of the trained tensors: fp32 (a master copy) whatever the model's dtype."""
     named = dict(model.named_parameters())
     return [named[t.full_name].detach().to(torch.float32, copy=True).requires_grad_(True) for t in trained]
@@ -280,11 +186,10 @@ def unlearn_rmu(
     vectors = prepare_control_vectors(control_vectors, data.topics, hidden_size(model), config.seed, dtype, device)
     cache = prefix_cache if prefix_cache is not None else PrefixCache(max_entries=2 * n_topics)
     bos = getattr(tokenizer, "bos_token_id", None)
-    blocks = decoder_blocks(model)
 
     named = dict(model.named_parameters())
     model_params = [named[t.full_name] for t in trained]
-    masters = _master_copies(model, trained)
+    masters = master_copies(model, trained)
     optimizer = torch.optim.AdamW(
         masters, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay
     )
@@ -303,15 +208,15 @@ def unlearn_rmu(
             _, retain_mask = loss_masks(retain_inputs, config.loss, bos)
 
             # forget term: frozen prefix (cached), then blocks first..l with the trained tensors swapped in
-            forget_prefix = cache.get(model, forget_inputs, first, layer, frozen=per_sample, blocks=blocks)
-            h_forget = run_blocks(blocks, forget_prefix, first, layer, _overrides(model_params, masters, trained))
+            forget_prefix = cache.get(model, forget_inputs, first, layer, frozen=per_sample)
+            h_forget = run_trained(model, forget_prefix, first, layer, _overrides(model_params, masters, trained))
             if not adaptive:
                 coefficient = torch.tensor(coeffs[topic], dtype=dtype)
             elif per_sample:  # Eq. 24 literally: beta * ||h_frozen(x_F)|| per sequence
-                coefficient = (token_norm_mean(forget_prefix.frozen, forget_mask, per_sample=True) * coeffs[topic]).to(dtype)
+                coefficient = (mean_token_norm(forget_prefix.frozen, forget_mask, per_sample=True) * coeffs[topic]).to(dtype)
             else:  # the official code: beta * mean norm of the updated model on the topic's first batch, then fixed
                 if batch == 0:
-                    fixed_coeff[topic] = float(token_norm_mean(h_forget, forget_mask)) * coeffs[topic]
+                    fixed_coeff[topic] = float(mean_token_norm(h_forget, forget_mask)) * coeffs[topic]
                 coefficient = torch.tensor(fixed_coeff[topic], dtype=dtype)
             coefficient = coefficient.to(h_forget.device)
             seen_coeffs[topic].extend(coefficient.reshape(-1).tolist())
@@ -320,8 +225,8 @@ def unlearn_rmu(
             forget_loss.backward()
 
             # retain term: the frozen block-l output comes from the same (cached) no_grad pass as the prefix
-            retain_prefix = cache.get(model, retain_inputs, first, layer, frozen=True, blocks=blocks)
-            h_retain = run_blocks(blocks, retain_prefix, first, layer, _overrides(model_params, masters, trained))
+            retain_prefix = cache.get(model, retain_inputs, first, layer, frozen=True)
+            h_retain = run_trained(model, retain_prefix, first, layer, _overrides(model_params, masters, trained))
             retain_loss = mse(h_retain, retain_prefix.frozen.to(h_retain.device), retain_mask)
             (alphas[topic] * retain_loss).backward()
 

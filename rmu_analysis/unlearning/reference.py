@@ -13,30 +13,22 @@ import copy
 import torch
 from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
-from ..models import decoder_blocks, model_device, resolve_tokenizer
+from .. import hooks
+from ..activations import mean_token_norm
+from ..models import frozen_parameters, hidden_size, model_device, resolve_tokenizer
 from .common import (
-    check_finite, batch_texts, hidden_size, log_row, loss_masks, mse, prepare_control_vectors, prepare_corpora,
-    reference_padding, resolve_layers, runnable_steps, select_trained, sequence_lengths, step_batch, token_norm_mean, tokenize,
+    check_finite, batch_texts, log_row, loss_masks, mse, prepare_control_vectors, prepare_corpora, reference_padding,
+    resolve_layers, runnable_steps, select_trained, sequence_lengths, step_batch, tokenize,
 )
 from .config import AdaptiveRMUConfig, RMUConfig
-from .engine import frozen_parameters
 from .result import UnlearnResult
 
 
-def forward_with_cache(model, inputs, module, no_grad: bool) -> torch.Tensor:
-    """Full forward pass of ``model``; return the output of ``module`` (the reference's helper)."""
-    cache = []
-
-    def hook(mod, args, output):
-        cache.append(output[0] if isinstance(output, tuple) else output)
-
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.set_grad_enabled(not no_grad):
-            model(**inputs)
-    finally:
-        handle.remove()
-    return cache[-1]
+def forward_with_cache(model, inputs, layer: int, no_grad: bool) -> torch.Tensor:
+    """Full forward pass of ``model`` (as the reference calls it); return block ``layer``'s output."""
+    with torch.set_grad_enabled(not no_grad), hooks.record(model, [layer], detach=False) as rec:
+        model(**inputs)
+    return rec.outputs[layer]
 
 
 def unlearn_reference(
@@ -70,8 +62,6 @@ def unlearn_reference(
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay
     )
-    frozen_module = decoder_blocks(frozen_model)[layer]
-    updated_module = decoder_blocks(updated_model)[layer]
     bos = getattr(tokenizer, "bos_token_id", None)
     fixed_coeff: dict[int, float] = {}
     seen_coeffs: list[list[float]] = [[] for _ in range(n_topics)]
@@ -89,24 +79,24 @@ def unlearn_reference(
             _, retain_mask = loss_masks(retain_inputs, config.loss, bos)
 
             # forget term: steer block l's output on forget text towards coefficient * u
-            updated_forget = forward_with_cache(updated_model, unlearn_inputs, updated_module, no_grad=False)
+            updated_forget = forward_with_cache(updated_model, unlearn_inputs, layer, no_grad=False)
             if not adaptive:
                 coefficient = torch.tensor(coeffs[topic], dtype=dtype, device=device)
             elif config.coefficient == "first-batch":
                 if batch == 0:  # the topic's first batch: the updated model as it is now
-                    fixed_coeff[topic] = float(token_norm_mean(updated_forget, forget_mask)) * coeffs[topic]
+                    fixed_coeff[topic] = float(mean_token_norm(updated_forget, forget_mask)) * coeffs[topic]
                 coefficient = torch.tensor(fixed_coeff[topic], dtype=dtype, device=device)
             else:  # per-sample: beta * ||h_frozen(x_F)|| for each sequence
-                frozen_forget = forward_with_cache(frozen_model, unlearn_inputs, frozen_module, no_grad=True)
-                coefficient = (token_norm_mean(frozen_forget, forget_mask, per_sample=True) * coeffs[topic]).to(dtype)
+                frozen_forget = forward_with_cache(frozen_model, unlearn_inputs, layer, no_grad=True)
+                coefficient = (mean_token_norm(frozen_forget, forget_mask, per_sample=True) * coeffs[topic]).to(dtype)
             coefficient = coefficient.to(updated_forget.device)
             seen_coeffs[topic].extend(coefficient.reshape(-1).tolist())
             target = coefficient.reshape(-1, 1, 1) * u.to(updated_forget.device).reshape(1, 1, -1)
             unlearn_loss = mse(updated_forget, target, forget_mask)
 
             # retain term: keep block l's output on retain text where the frozen model has it
-            updated_retain = forward_with_cache(updated_model, retain_inputs, updated_module, no_grad=False)
-            frozen_retain = forward_with_cache(frozen_model, retain_inputs, frozen_module, no_grad=True)
+            updated_retain = forward_with_cache(updated_model, retain_inputs, layer, no_grad=False)
+            frozen_retain = forward_with_cache(frozen_model, retain_inputs, layer, no_grad=True)
             retain_loss = mse(updated_retain, frozen_retain.to(updated_retain.device), retain_mask)
 
             loss = unlearn_loss + alphas[topic] * retain_loss

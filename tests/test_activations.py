@@ -1,4 +1,5 @@
-"""capture(): block outputs in one early-stopped pass, equal to output_hidden_states, with mask-aware means."""
+"""activations: block outputs in one early-stopped pass, equal to output_hidden_states, with mask-aware means and
+per-token norms."""
 from __future__ import annotations
 
 import copy
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import rmu_analysis
-from rmu_analysis.capture import Capture, capture
+from rmu_analysis.activations import Capture, capture, capture_batches, mean_token_norm, token_norms
 from rmu_analysis.models import decoder_blocks
 
 PROMPTS = [
@@ -147,14 +148,27 @@ def test_works_on_gpt2(tiny_tokenizer):
     torch.testing.assert_close(cap.hidden[1][real], ref[2][real], rtol=0, atol=1e-5)
 
 
-def test_record_blocks_context_manager(tiny_llama, tiny_tokenizer):
-    from rmu_analysis.capture import record_blocks
+def test_capture_batches_equal_one_capture_per_chunk(tiny_llama):
+    prompts = PROMPTS * 3
+    chunks = list(capture_batches(tiny_llama, prompts, [1, 2], batch_size=4, exclude_bos=True))
+    assert [list(r) for r, _ in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
+    for rows, cap in chunks:
+        one = capture(tiny_llama, prompts[rows.start:rows.stop], layers=[1, 2], exclude_bos=True)
+        torch.testing.assert_close(cap.tokens(2), one.tokens(2), rtol=0, atol=0)
 
-    enc = tiny_tokenizer(PROMPTS, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        out = tiny_llama(**enc, output_hidden_states=True)
-    before = hooks_left(tiny_llama)  # transformers 5 installs its own output-capturing hooks
-    with record_blocks(tiny_llama, [1, -1]) as acts, torch.no_grad():
-        tiny_llama(**enc)
-    assert sorted(acts) == [1, 3] and hooks_left(tiny_llama) == before
-    torch.testing.assert_close(acts[1], out.hidden_states[2])
+
+def test_token_norms_and_mean_token_norm(tiny_llama):
+    cap = capture(tiny_llama, PROMPTS, layers=[1, 3], exclude_bos=True)
+    norms = token_norms(tiny_llama, PROMPTS, [1, 3], exclude_bos=True, batch_size=2)
+    for l in (1, 3):
+        expected = cap.hidden[l][cap.token_mask].float().norm(dim=-1)
+        assert norms[l].dtype.name == "float64" and norms[l].shape == expected.shape
+        torch.testing.assert_close(torch.as_tensor(norms[l]).float(), expected, rtol=1e-5, atol=1e-5)
+        whole = mean_token_norm(cap.hidden[l], cap.token_mask)
+        assert float(whole) == pytest.approx(float(expected.mean()), rel=1e-5)
+        per_prompt = mean_token_norm(cap.hidden[l], cap.token_mask, per_sample=True)
+        frame = cap.to_frame().query("layer == @l")
+        assert per_prompt.tolist() == pytest.approx(frame["token_norm"].tolist(), rel=1e-6)
+    # no mask: every position counts
+    h = cap.hidden[1]
+    assert float(mean_token_norm(h)) == pytest.approx(float(h.float().norm(dim=-1).mean()), rel=1e-6)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rmu_analysis import alignment, capture, random_direction, steer
-from rmu_analysis.alignment import DIRECTIONS, Alignment, cosine
+from rmu_analysis.cosines import DIRECTIONS, Alignment, cosine
 from rmu_analysis.models import decoder_blocks
 
 

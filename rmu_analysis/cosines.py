@@ -1,4 +1,4 @@
-"""Alignment of block outputs with the steering direction u (PAPER.md §4 C2, Fig. 2e–h) and their norms (Fig. 4).
+"""Alignment of block outputs with the steering direction u (arXiv 2408.06223, Fig. 2e–h) and their norms (Fig. 4).
 
 A raw cos(h, u) means little on its own: a uniform u has all-positive entries, so two independent uniform
 directions already have cosine ≈ 0.75, while a Gaussian direction has cosine ≈ 0 ± 1/sqrt(d) with anything
@@ -15,10 +15,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ._batching import hidden_size, iter_batches
-from .capture import _bos_id, masked_mean, run_to_blocks, token_mask
-from .models import check_layers, resolve_tokenizer
-from .steering import _check_vector, random_direction
+from .activations import capture_batches, masked_mean
+from .models import check_layers, hidden_size
+from .steering import check_vector, random_direction
 
 __all__ = ["Alignment", "alignment", "cosine", "DIRECTIONS"]
 
@@ -117,7 +116,7 @@ def alignment(
     batch_size: int = 32,
     max_length: int | None = None,
 ) -> Alignment:
-    """Distribution of cos(h^(l), u) and ‖h^(l)‖ for every requested block (PAPER.md §4 C2, Fig. 2e–h; Fig. 4),
+    """Distribution of cos(h^(l), u) and ‖h^(l)‖ for every requested block (Fig. 2e–h; Fig. 4),
     per token and per prompt (token-mean representation), beside null baselines from an independent uniform
     direction u′ and a Gaussian direction g (both drawn from ``null_seed``).
 
@@ -126,7 +125,7 @@ def alignment(
     """
     idx = check_layers(model, layers)
     d = hidden_size(model)
-    u = _check_vector(u, d, name="u")
+    u = check_vector(u, d, name="u")
     if float(u.norm()) == 0.0:
         raise ValueError("u is the zero vector: a direction needs a non-zero norm")
     u = u / u.norm()
@@ -136,24 +135,19 @@ def alignment(
         raise ValueError(f"the uniform null direction drawn from null_seed={null_seed} equals u (u was drawn from "
                          "the same seed): pass a different null_seed")
     dirs = {"u": u, "uniform_null": u_null, "gaussian_null": g_null}
-    tok = resolve_tokenizer(model, tokenizer) if isinstance(prompts, (str, list, tuple)) else tokenizer
-    bos = _bos_id(model, tok) if exclude_bos else None
-
     tok_cos: dict[str, list[list[np.ndarray]]] = {k: [[] for _ in idx] for k in dirs}
     tok_norm: list[list[np.ndarray]] = [[] for _ in idx]
     pr_cos: dict[str, list[list[np.ndarray]]] = {k: [[] for _ in idx] for k in dirs}
     pr_norm: list[list[np.ndarray]] = [[] for _ in idx]
     tok_prompt, tok_pos = [], []
-    for rows, batch in iter_batches(model, prompts, tok, batch_size=batch_size, max_length=max_length):
-        hidden = run_to_blocks(model, batch, idx)
-        mask = token_mask(batch, exclude_bos=exclude_bos, bos_token_id=bos)
-        where = mask.nonzero().cpu()
-        tok_prompt.append(where[:, 0].numpy() + rows.start)
-        tok_pos.append(batch.position_ids[mask.to(batch.position_ids.device)].cpu().numpy())
+    for rows, cap in capture_batches(model, prompts, idx, tokenizer=tokenizer, exclude_bos=exclude_bos,
+                                     batch_size=batch_size, max_length=max_length):
+        mask = cap.token_mask
+        tok_prompt.append(mask.nonzero().cpu()[:, 0].numpy() + rows.start)
+        tok_pos.append(cap.position_ids[mask.to(cap.position_ids.device)].cpu().numpy())
         for i, l in enumerate(idx):
-            h = hidden[l]
-            ht = h[mask.to(h.device)].float()  # [n_tok, d]
-            hm = masked_mean(h, mask)  # [B, d]
+            ht = cap.tokens(l)  # [n_tok, d]
+            hm = masked_mean(cap.hidden[l], mask)  # [B, d]
             tok_norm[i].append(ht.norm(dim=-1).cpu().numpy())
             pr_norm[i].append(hm.norm(dim=-1).cpu().numpy())
             for k, v in dirs.items():

@@ -1,0 +1,314 @@
+"""The numbers the paper's claims are checked on, computed from results frames (:func:`~.results.load_results`):
+the layer sweep's targets and its early-vs-late summary (Fig. 5), the c / ‖h_l‖ collapse (the principle behind
+Adaptive RMU, Eq. 24), the coefficient sweep (Fig. 2, Fig. 3), Fig. 4's convergence check, and Table 1 (every
+method's grid point selected at the utility bar, mean ± std over seeds). :func:`summarize` gathers them all."""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from ..theory import forget_convergence
+from .plans import ExperimentPlan
+from .results import finished_runs, result_topics
+from .specs import COEFF_FIELDS, STEERING
+from .targets import TARGETS, Targets
+
+__all__ = [
+    "spearman", "isotonic_decreasing", "layer_table", "layer_targets", "early_late", "early_late_split",
+    "collapse_points", "collapse_summary", "coefficient_sweep", "convergence_check", "point_label", "METHOD_NAMES",
+    "table1_select", "table1_frame", "summarize",
+]
+
+#: Display names of the methods, in Table 1's order.
+METHOD_NAMES = {"base": "base", "ga": "Gradient ascent", "graddiff": "Gradient difference", "npo": "NPO",
+                "rmu": "RMU", "adaptive-rmu": "Adaptive RMU"}
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def isotonic_decreasing(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
+    """Least-squares non-increasing fit of y on x (pool-adjacent-violators; equal x share one value)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    order = np.argsort(x, kind="stable")
+    xs, ys = x[order], y[order]
+    ux, inverse = np.unique(xs, return_inverse=True)
+    means = np.bincount(inverse, weights=ys) / np.bincount(inverse)
+    weights = np.bincount(inverse).astype(float)
+    blocks: list[list[float]] = []  # [value, weight, count of unique x]
+    for m, w in zip(means, weights):
+        blocks.append([m, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            v2, w2, n2 = blocks.pop()
+            v1, w1, n1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    fitted_unique = np.concatenate([[v] * n for v, _, n in blocks])
+    fitted = np.empty_like(y)
+    fitted[order] = fitted_unique[inverse]
+    return fitted
+
+
+def _r2(y: np.ndarray, fitted: np.ndarray) -> float:
+    total = float(((y - y.mean()) ** 2).sum())
+    return float("nan") if total == 0 else 1.0 - float(((y - fitted) ** 2).sum()) / total
+
+
+# ------------------------------------------------------------------------------------------- layer sweep
+def layer_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, layer): mean and std over seeds of the forget accuracy (mean of topics and per topic) and
+    the general accuracy, and the number of seeds."""
+    frame = finished_runs(frame)
+    cols = ["forget_acc"] + [f"acc_{t}" for t in result_topics(frame)] + ["general_acc"]
+    g = frame.groupby(["method", "layer"])[cols]
+    out = g.mean().add_suffix("_mean").join(g.std(ddof=1).add_suffix("_std")).join(g.size().rename("n_seeds"))
+    return out.reset_index()
+
+
+def layer_targets(frame: pd.DataFrame, targets: Targets = TARGETS) -> dict[str, Any]:
+    """The layer sweep's targets (Fig. 5; forget accuracy = mean over topics, averaged over seeds per layer):
+    Adaptive RMU forgets (≤ ``targets.max_forget``) at ≥ ``min_layer_fraction`` of the layers; fixed-c RMU's
+    forget accuracy rises with depth (Spearman ρ > ``min_rho``) and is ≥ ``min_gap`` above Adaptive RMU over the
+    deepest third of the layers; general accuracy ≥ ``min_general_ratio`` × base in every run."""
+    frame = finished_runs(frame)
+    per_layer = frame.groupby(["method", "layer"])["forget_acc"].mean().unstack("method").sort_index()
+    layers = list(per_layer.index)
+    rmu, ada = per_layer["rmu"], per_layer["adaptive-rmu"]
+    deep = layers[len(layers) - math.ceil(len(layers) / 3):]
+    ratio = frame["general_acc"] / frame["base_general_acc"]
+    fraction = float(targets.forgot(ada).mean())
+    rho = spearman(layers, rmu.values)
+    gap = float(rmu[deep].mean() - ada[deep].mean())
+    worst = float(ratio.min())
+    worst_run = frame.loc[ratio.idxmin()]
+    t = targets
+    return {
+        "layers": layers, "deepest_third": deep,
+        "adaptive_forget_by_layer": ada.round(4).to_dict(), "rmu_forget_by_layer": rmu.round(4).to_dict(),
+        "targets": {
+            t.adaptive_fraction_key: {"value": fraction, "threshold": t.min_layer_fraction,
+                                      "held": fraction >= t.min_layer_fraction},
+            t.rmu_rho_key: {"value": rho, "threshold": t.min_rho, "held": rho > t.min_rho},
+            t.gap_key: {"value": gap, "threshold": t.min_gap, "held": gap >= t.min_gap},
+            t.general_key: {"value": worst, "threshold": t.min_general_ratio, "held": worst >= t.min_general_ratio,
+                            "worst_run": f"{worst_run['method']} l={worst_run['layer']} seed={worst_run['seed']}"},
+        },
+    }
+
+
+def early_late_split(layers: Sequence[int]) -> int:
+    """The paper's split of Zephyr's 32 blocks, 3–10 vs 11–31: the first layer at or past a third of the depth."""
+    return next(l for l in sorted(layers) if l >= (max(layers) + 1) / 3)
+
+
+def early_late(frame: pd.DataFrame, split: int) -> pd.DataFrame:
+    """The paper's summary of Fig. 5: per topic, the average forget accuracy of RMU and Adaptive RMU over the
+    early layers (l < ``split``) and the late ones (l ≥ ``split``), and how much Adaptive RMU lowers it."""
+    frame = finished_runs(frame)
+    rows = []
+    for topic in result_topics(frame) + ["mean"]:
+        col = "forget_acc" if topic == "mean" else f"acc_{topic}"
+        for part, mask in (("early", frame["layer"] < split), ("late", frame["layer"] >= split)):
+            sub = frame[mask]
+            if sub.empty:
+                continue
+            by = sub.groupby("method")[col].mean()
+            rows.append({"topic": topic, "layers": part, "first": int(sub["layer"].min()),
+                         "last": int(sub["layer"].max()), "rmu": by.get("rmu", np.nan),
+                         "adaptive_rmu": by.get("adaptive-rmu", np.nan),
+                         "lowered_by": by.get("rmu", np.nan) - by.get("adaptive-rmu", np.nan)})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------- c / ‖h_l‖ collapse
+def collapse_points(frame: pd.DataFrame) -> pd.DataFrame:
+    """One point per (steering run, topic): layer, method, coefficient c, frozen norm ‖h_l‖, ratio c / ‖h_l‖,
+    and that topic's forget accuracy."""
+    frame = finished_runs(frame)
+    frame = frame[frame["method"].isin(STEERING)]
+    parts = []
+    for t in result_topics(frame):
+        parts.append(pd.DataFrame({
+            "key": frame["key"], "method": frame["method"], "layer": frame["layer"], "seed": frame["seed"],
+            "topic": t, "coefficient": frame[f"coef_{t}"], "frozen_norm": frame[f"norm_frozen_{t}"],
+            "ratio": frame[f"ratio_{t}"], "forget_acc": frame[f"acc_{t}"],
+        }))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def collapse_summary(points: pd.DataFrame, *, min_points: int = 3) -> dict[str, Any]:
+    """How well forget accuracy is one function of c / ‖h_l‖ across layers (the principle behind Adaptive RMU).
+
+    - ``within_layer_rho``: Spearman ρ(ratio, accuracy) inside each layer with ≥ ``min_points`` distinct ratios;
+    - ``pooled_rho_ratio`` / ``pooled_rho_coefficient``: the same over every point, against c/‖h_l‖ and raw c;
+    - ``r2_ratio`` / ``r2_coefficient``: R² of the best non-increasing curve of accuracy on c/‖h_l‖ (on raw c);
+      one curve explains the points when ``r2_ratio`` is high and well above ``r2_coefficient``;
+    - ``residual_layer_rho``: Spearman ρ between layer and the residual from that curve (≈ 0 when the layer
+      carries nothing beyond the ratio).
+    """
+    pts = points.dropna(subset=["ratio", "forget_acc"])
+    within = {}
+    for layer, sub in pts.groupby("layer"):
+        if sub["ratio"].nunique() >= min_points:
+            within[int(layer)] = spearman(sub["ratio"], sub["forget_acc"])
+    y = pts["forget_acc"].to_numpy(float)
+    fit_ratio = isotonic_decreasing(np.log(pts["ratio"]), y)
+    fit_coeff = isotonic_decreasing(np.log(pts["coefficient"]), y)
+    vals = [v for v in within.values() if np.isfinite(v)]
+    return {
+        "n_points": int(len(pts)), "n_layers": int(pts["layer"].nunique()),
+        "within_layer_rho": within,
+        "within_layer_rho_mean": float(np.mean(vals)) if vals else float("nan"),
+        "pooled_rho_ratio": spearman(pts["ratio"], y),
+        "pooled_rho_coefficient": spearman(pts["coefficient"], y),
+        "r2_ratio": _r2(y, fit_ratio),
+        "r2_coefficient": _r2(y, fit_coeff),
+        "residual_layer_rho": spearman(pts["layer"], np.round(y - fit_ratio, 9)),  # rounding: no float noise
+        "residual_layer_rho_coefficient": spearman(pts["layer"], np.round(y - fit_coeff, 9)),
+    }
+
+
+# ----------------------------------------------------------------------------- coefficient sweep, Fig. 4
+def coefficient_sweep(frame: pd.DataFrame, targets: Targets = TARGETS) -> list[dict[str, Any]]:
+    """Per layer of the fixed-c RMU runs: ρ(c, cos(u, h)) (C2), ρ(c, forget accuracy), ρ(c, general accuracy)
+    (Fig. 3), and whether every run that forgot has a lower mean MaxLogit than the base model (C1; None when no
+    run forgot)."""
+    rows = []
+    for l, sub in frame[frame["method"] == "rmu"].groupby("layer"):
+        topics = [c[len("cos_u_"):] for c in sub.columns if c.startswith("cos_u_")]
+        cos = sub[[f"cos_u_{t}" for t in topics]].mean(axis=1)
+        ml = sub[[f"maxlogit_{t}" for t in topics]].mean(axis=1)
+        base_ml = sub[[f"base_maxlogit_{t}" for t in topics]].mean(axis=1)
+        forgot = targets.forgot(sub["forget_acc"])
+        rows.append({"layer": int(l), "n": len(sub),
+                     "rho_c_cos": spearman(sub["coeff"], cos), "rho_c_forget": spearman(sub["coeff"], sub["forget_acc"]),
+                     "rho_c_general": spearman(sub["coeff"], sub["general_acc"]),
+                     "maxlogit_below_base_when_forgotten": bool((ml[forgot] < base_ml[forgot]).all())
+                     if forgot.any() else None})
+    return rows
+
+
+def convergence_check(frame: pd.DataFrame) -> dict[str, Any]:
+    """Fig. 4 over the coefficient sweep's fixed-c RMU runs (``theory.forget_convergence`` on each run's log):
+    the paper expects the forget loss to converge exactly when the forget norm starts below c."""
+    rows = []
+    for _, run in frame[frame["method"] == "rmu"].iterrows():
+        if not run.get("log"):
+            continue
+        conv = forget_convergence(run["log"], tail=3, hidden_size=int(run["hidden_size"]))
+        for _, r in conv.to_frame().iterrows():
+            rows.append({"layer": int(run["layer"]), "coeff": float(run["coeff"]), "topic": r["topic"],
+                         "starts_below": bool(r["starts_below"]), "converged": bool(r["converged"]),
+                         "loss_ratio": float(r["loss_ratio"]),
+                         "moved_toward_c": bool(np.sign(r["final_norm"] - r["initial_norm"])
+                                                == np.sign(r["coefficient"] - r["initial_norm"]))})
+    if not rows:
+        return {"skipped": "no fixed-c RMU run with a training log"}
+    table = pd.DataFrame(rows)
+    below, above = table["starts_below"], ~table["starts_below"]
+
+    def share(mask: pd.Series, col: str, how: str) -> float | None:
+        return float(getattr(table.loc[mask, col], how)()) if mask.any() else None
+
+    return {"n": len(table), "agreement": float((table["starts_below"] == table["converged"]).mean()),
+            "converged_when_below": share(below, "converged", "mean"),
+            "converged_when_above": share(above, "converged", "mean"),
+            "median_loss_ratio_below": share(below, "loss_ratio", "median"),
+            "median_loss_ratio_above": share(above, "loss_ratio", "median"),
+            "moved_toward_c": float(table["moved_toward_c"].mean()),
+            "table": table.round(4).to_dict(orient="records")}
+
+
+# ------------------------------------------------------------------------------------------------ Table 1
+def point_label(row: Mapping[str, Any]) -> str:
+    """A grid point's hyperparameters as Table 1 shows them, e.g. ``"c=40, lr=0.01, α=100"``."""
+    parts = []
+    if row["method"] in COEFF_FIELDS and pd.notna(row.get("coeff")):
+        parts.append(f"{'c' if row['method'] == 'rmu' else 'β'}={row['coeff']:g}")
+    if pd.notna(row.get("lr")):
+        parts.append(f"lr={row['lr']:g}")
+    if row["method"] != "ga" and pd.notna(row.get("alpha")):
+        parts.append(f"α={row['alpha']:g}")
+    return ", ".join(parts) or "defaults"
+
+
+def _with_points(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = finished_runs(frame).copy()
+    frame["point"] = [point_label(r) for _, r in frame.iterrows()]
+    return frame
+
+
+def table1_select(frame: pd.DataFrame, targets: Targets = TARGETS) -> pd.DataFrame:
+    """Every grid point of every method with its mean over seeds, and which one is selected: the lowest mean
+    forget accuracy among the points whose mean general accuracy is ≥ ``targets.min_general_ratio`` × base (if none
+    is, the one with the highest general accuracy). Selection uses the reported seeds (stated beside the table)."""
+    frame = _with_points(frame)
+    topics = result_topics(frame)
+    cols = [f"acc_{t}" for t in topics] + ["forget_acc", "general_acc", "base_general_acc", "retain_loss"]
+    means = frame.groupby(["method", "point"])[cols].mean().reset_index()
+    means["n_seeds"] = frame.groupby(["method", "point"]).size().values
+    means["utility_ok"] = targets.utility_kept(means["general_acc"], means["base_general_acc"])
+    means["selected"] = False
+    for method, sub in means.groupby("method"):
+        ok = sub[sub["utility_ok"]]
+        pick = ok["forget_acc"].idxmin() if len(ok) else sub["general_acc"].idxmax()
+        means.loc[pick, "selected"] = True
+    return means
+
+
+def table1_frame(frame: pd.DataFrame, targets: Targets = TARGETS) -> pd.DataFrame:
+    """Table 1: base and, per method, its selected grid point: mean and std over seeds of each forget topic's
+    accuracy and the general accuracy."""
+    frame = _with_points(frame)
+    selection = table1_select(frame, targets)
+    sets = [t for t in result_topics(frame)] + ["general"]
+    first = frame.iloc[0]
+    rows = [{"method": "base", "setting": "", "n_seeds": 1,
+             **{f"{s}_mean": first[f"base_acc_{s}"] for s in sets}, **{f"{s}_std": 0.0 for s in sets}}]
+    order = [m for m in METHOD_NAMES if m in set(selection["method"])]
+    for method in order:
+        point = selection[(selection["method"] == method) & selection["selected"]].iloc[0]["point"]
+        runs = frame[(frame["method"] == method) & (frame["point"] == point)]
+        rows.append({"method": method, "setting": point, "n_seeds": len(runs),
+                     **{f"{s}_mean": runs[f"acc_{s}"].mean() for s in sets},
+                     **{f"{s}_std": runs[f"acc_{s}"].std(ddof=1) if len(runs) > 1 else 0.0 for s in sets}})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------- all of it
+def summarize(frames: Mapping[str, pd.DataFrame], plan: ExperimentPlan, theory: dict[str, Any],
+              targets: Targets = TARGETS) -> dict[str, Any]:
+    """Every number the summary reports, from the result frames ``{"coefficient", "layer", "table1"}`` and the
+    theory checks (JSON-ready)."""
+    out: dict[str, Any] = {"theory": theory}
+    layer = frames["layer"]
+    if len(layer):
+        out["layer_sweep"] = layer_targets(layer, targets)
+        split = early_late_split(plan.layers)
+        out["early_late_split"] = split
+        out["early_late"] = early_late(layer, split).round(4).to_dict(orient="records")
+        out["layer_table"] = layer_table(layer).round(4).to_dict(orient="records")
+    parts = [f for f in (frames["coefficient"], layer, frames["table1"]) if len(f)]
+    steering = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if len(steering):
+        points = collapse_points(steering.drop_duplicates("key"))
+        if len(points):
+            out["collapse"] = collapse_summary(points)
+    coeff = frames["coefficient"]
+    if len(coeff) and "log" in coeff:
+        out["convergence"] = convergence_check(coeff)
+    if len(coeff):
+        out["coefficient_sweep"] = coefficient_sweep(coeff, targets)
+    table = frames["table1"]
+    if len(table):
+        out["table1"] = table1_frame(table, targets).round(4).to_dict(orient="records")
+        out["table1_grid"] = table1_select(table, targets).round(4).to_dict(orient="records")
+    return out

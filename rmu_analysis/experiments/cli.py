@@ -1,0 +1,149 @@
+"""``rmu-analysis sweep`` and the flags ``sweep`` and ``reproduce`` share: which model and data, and which plan
+(:mod:`rmu_analysis.recipes`) they describe."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..models import load_model
+from ..recipes import ZEPHYR, model_plan, organism_plan
+from .plans import ExperimentPlan, plan_grids, plan_norms
+from .results import finished_runs, load_results
+from .runner import is_finished, run_sweep, shard_specs
+from .workbench import LazyWorkbench, Workbench, data_from_files
+
+__all__ = ["add_sweep_parser", "add_model_arguments", "plan_from_args", "resources"]
+
+
+def add_sweep_parser(subparsers) -> Any:
+    """``rmu-analysis sweep``: run (a shard of) one experiment's grid into a results directory, or merge one."""
+    p = subparsers.add_parser(
+        "sweep", help="run a grid of unlearning runs (layer sweep, coefficient sweep, Table 1), resumable, shardable",
+        description="Run (a shard of) an experiment's grid; one JSON file per finished run in --results. Runs "
+                    "already there are skipped, so an interrupted sweep resumes; shards i/n (0-based) of the same "
+                    "grid can run as separate jobs into one directory, e.g. a SLURM array: "
+                    "#SBATCH --array=0-7  then  rmu-analysis sweep --experiment layer --shard "
+                    "$SLURM_ARRAY_TASK_ID/8 --results runs/ ...; afterwards `rmu-analysis sweep --merge --results "
+                    "runs/` prints the merged summary.",
+    )
+    p.add_argument("--experiment", choices=("layer", "coefficient", "table1", "all"), default="all")
+    p.add_argument("--results", type=Path, required=True, help="results directory (one <key>.json per run)")
+    p.add_argument("--shard", default=None, help="i/n: run only shard i of n (0-based), e.g. 3/8")
+    p.add_argument("--quick", action="store_true", help="the reduced organism plan (as `reproduce --quick`)")
+    p.add_argument("--merge", action="store_true", help="run nothing: read --results and print the summary")
+    p.add_argument("--list", action="store_true", help="run nothing: print this shard's runs and whether done")
+    add_model_arguments(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=sweep_command)
+    return p
+
+
+def add_model_arguments(p) -> None:
+    """The flags that choose the model, its data and the plan's knobs (shared by ``sweep`` and ``reproduce``)."""
+    p.add_argument("--model", default="organism", help='"organism" or a local HF model directory (GPU)')
+    p.add_argument("--forget-files", nargs="+", metavar="TOPIC=FILE", help="forget corpora (real model)")
+    p.add_argument("--retain-file", type=Path, help="retain corpus (real model)")
+    p.add_argument("--mcq", nargs="+", metavar="SET=FILE",
+                   help="question files: one per forget topic and general=FILE (e.g. MMLU)")
+    p.add_argument("--coeff", type=float, default=None,
+                   help=f"fixed c of the layer sweep (real model; default {ZEPHYR.steering_coeff:g})")
+    p.add_argument("--layer", type=int, default=None,
+                   help=f"Table 1 / coefficient-sweep layer (real model; default {ZEPHYR.layer})")
+    p.add_argument("--steps", type=int, default=None, help=f"steps per run (real model; default {ZEPHYR.steps})")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (bf16 on CUDA)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes running runs in parallel (default: 2 for the organism on CPU, 1 for --model)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (default: 1 with several workers, else 2)")
+
+
+def _pairs(items: Sequence[str] | None, flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"{flag} takes NAME=FILE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out
+
+
+def plan_from_args(args) -> tuple[ExperimentPlan, Callable[[], Workbench]]:
+    """The plan and a workbench factory that the flags describe (shared by ``sweep`` and ``reproduce``)."""
+    if args.model == "organism":
+        given = [flag for flag, value in (("--forget-files", args.forget_files), ("--retain-file", args.retain_file),
+                                          ("--mcq", args.mcq), ("--coeff", args.coeff), ("--layer", args.layer),
+                                          ("--steps", args.steps)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only for --model PATH; the organism runs its own data and the "
+                             "fixed plan of rmu_analysis.recipes.organism_plan()")
+        plan = organism_plan(quick=getattr(args, "quick", False))
+        if args.seeds:
+            plan = dataclasses.replace(plan, seeds=tuple(args.seeds))
+        return plan, functools.partial(Workbench.load, "organism")  # picklable: --workers processes build their own
+    if getattr(args, "quick", False):
+        raise ValueError("--quick is the organism's reduced plan; for --model PATH reduce the work with --seeds, "
+                         "--steps and smaller --mcq files")
+    forget, mcq = _pairs(args.forget_files, "--forget-files"), _pairs(args.mcq, "--mcq")
+    if not forget or args.retain_file is None or not mcq:
+        raise ValueError("--model PATH needs --forget-files TOPIC=FILE ..., --retain-file FILE and --mcq SET=FILE ...")
+    data = data_from_files(forget, args.retain_file, mcq)
+    model_cfg = Path(args.model) / "config.json"
+    if not model_cfg.is_file():
+        raise FileNotFoundError(f"{args.model} is not a Hugging Face model directory: {model_cfg} does not exist")
+    n_blocks = int(json.loads(model_cfg.read_text()).get("num_hidden_layers"))
+    plan = model_plan(n_blocks, model=str(args.model), data=data.name, c=args.coeff, layer=args.layer,
+                      steps=args.steps, seeds=tuple(args.seeds or (0, 1, 2)))
+
+    def factory() -> Workbench:
+        cuda = torch.cuda.is_available()
+        dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if cuda else "float32")
+        m, tok = load_model(args.model, dtype=dtype)
+        if cuda:
+            m = m.to("cuda")
+        return Workbench(m, tok, data, model_id=str(args.model))
+    return plan, factory
+
+
+def resources(args) -> tuple[int, int]:
+    """(worker processes, torch threads per process) from the flags: the organism on CPU defaults to two
+    one-thread workers (2 cores), a real model to one process."""
+    workers = args.workers if args.workers is not None else (2 if args.model == "organism" and not
+                                                              torch.cuda.is_available() else 1)
+    threads = args.threads if args.threads is not None else (1 if workers > 1 else 2)
+    return workers, threads
+
+
+def sweep_command(args) -> int:
+    plan, factory = plan_from_args(args)
+    bench = LazyWorkbench(factory)
+    norms = plan_norms(plan, bench, args.results) if plan.coeff_layers and args.experiment in ("coefficient", "all") \
+        else None
+    grids = plan_grids(dataclasses.replace(plan, coeff_layers=()) if norms is None else plan, norms)
+    names = list(grids) if args.experiment == "all" else [args.experiment]
+    specs = [s for n in names for s in grids[n]]
+    if args.list:
+        for s in shard_specs(specs, args.shard):
+            done = is_finished(args.results / f"{s.key()}.json", s.key())
+            print(f"{s.key()}  {'done' if done else 'todo'}  {s.label()}")
+        return 0
+    if not args.merge:
+        workers, threads = resources(args)
+        torch.set_num_threads(threads)
+        outcome = run_sweep(specs, args.results, bench if workers == 1 else factory, shard=args.shard,
+                            progress=not args.no_progress, workers=workers, threads=threads)
+        print(f"shard {args.shard or '0/1'}: ran {outcome.ran}, skipped {outcome.skipped} finished run(s); "
+              f"results in {args.results}")
+    frame = load_results(args.results, specs)
+    done = len(frame)
+    print(f"{done} of {len(set(s.key() for s in specs))} runs of {', '.join(names)} have results in {args.results}")
+    if done:
+        cols = ["method", "layer", "coeff", "lr", "seed", "forget_acc", "general_acc", "retain_loss"]
+        print(finished_runs(frame)[[c for c in cols if c in frame]].sort_values(["method", "layer", "seed"])
+              .to_string(index=False))
+    return 0

@@ -1,0 +1,112 @@
+"""What a run measures, on held-out data: accuracy per question set, retain LM loss and MaxLogit on the forget
+questions (the outputs: Fig. 2a–d, Fig. 3, Table 1), and at block l cos(u, h) beside null directions and the
+forget norm ‖h^(l)‖ (the representations: Fig. 2e–h, Fig. 4)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._batching import iter_batches
+from ..activations import token_norms
+from ..confidence import measure_confidence
+from ..cosines import alignment
+from ..evaluation import evaluate_mcq, mcq_prompt
+from .specs import EvalSettings
+
+if TYPE_CHECKING:  # annotations only: the workbench module imports this one
+    from .workbench import ExperimentData, Workbench
+
+__all__ = ["lm_loss", "question_prompts", "accuracies", "measure_outputs", "measure_representations",
+           "forget_norms"]
+
+
+def lm_loss(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 32,
+            max_length: int = 512) -> float:
+    """Mean next-token NLL (nats per token) over the real tokens of ``texts`` (right padding)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for _, batch in iter_batches(model, list(texts), tokenizer, batch_size=batch_size, padding_side="right",
+                                     max_length=max_length):
+            logits = model(**batch.model_inputs(), use_cache=False).logits[:, :-1].float()
+            target = batch.input_ids[:, 1:]
+            mask = batch.attention_mask[:, 1:].bool()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+            total += float(nll[mask].sum())
+            count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def question_prompts(data: "ExperimentData", name: str, *, scoring: str, limit: int | None = None) -> list[str]:
+    """The zero-shot prompts of question set ``name`` (its first ``limit`` questions), as they are scored."""
+    records = list(data.mcq[name] if limit is None else data.mcq[name][:limit])
+    return [mcq_prompt(r, s, scoring=scoring) for r, s in zip(records, data.record_subjects(name, records))]
+
+
+def accuracies(model: nn.Module, tokenizer: Any, data: "ExperimentData", *, scoring: str, batch_size: int,
+               questions: int | None = None) -> dict[str, float]:
+    """Zero-shot multiple-choice accuracy on every question set of ``data`` (its first ``questions``)."""
+    out = {}
+    for name, records in data.mcq.items():
+        records = list(records if questions is None else records[:questions])
+        res = evaluate_mcq(model, tokenizer, records, data.record_subjects(name, records), scoring=scoring,
+                           batch_size=batch_size)
+        out[name] = float(res.accuracy)
+    return out
+
+
+def measure_outputs(model: nn.Module, tokenizer: Any, data: "ExperimentData", settings: EvalSettings,
+                    retain_eval: Sequence[str]) -> dict[str, Any]:
+    """Output-side numbers of a model: accuracy per question set, retain LM loss, MaxLogit on forget questions."""
+    accuracy = accuracies(model, tokenizer, data, scoring=settings.scoring, batch_size=settings.batch_size,
+                          questions=settings.questions)
+    confidence = {}
+    for topic in data.topics:
+        prompts = question_prompts(data, topic, scoring=settings.scoring, limit=settings.confidence_prompts)
+        conf = measure_confidence(model, prompts, tokenizer, generate=settings.confidence_tokens,
+                                  batch_size=settings.batch_size)
+        v = conf.values("max_logit")
+        confidence[topic] = {"max_logit_mean": float(v.mean()), "max_logit_std": float(v.std()),
+                             "max_logit_median": float(np.median(v)),
+                             "max_prob_mean": float(conf.values("max_prob").mean()),
+                             "entropy_mean": float(conf.values("entropy").mean())}
+    return {"accuracy": accuracy,
+            "retain_loss": lm_loss(model, tokenizer, retain_eval, batch_size=settings.batch_size),
+            "confidence": confidence}
+
+
+def measure_representations(model: nn.Module, tokenizer: Any, layer: int, forget_eval: Mapping[str, Sequence[str]],
+                            vectors: Mapping[str, torch.Tensor], settings: EvalSettings) -> dict[str, Any]:
+    """Per topic at block ``layer``: cos(u, h) (token and prompt level) beside the uniform and Gaussian null
+    directions, and the mean token norm ‖h^(l)‖ (real tokens, BOS excluded)."""
+    out = {}
+    for topic, texts in forget_eval.items():
+        a = alignment(model, list(texts), vectors[topic], [layer], tokenizer=tokenizer, exclude_bos=True,
+                      null_seed=settings.null_seed, batch_size=settings.batch_size)
+        out[topic] = {
+            "cos_u_mean": float(a.cos(layer, "u", "token").mean()),
+            "cos_u_std": float(a.cos(layer, "u", "token").std()),
+            "cos_uniform_null_mean": float(a.cos(layer, "uniform_null", "token").mean()),
+            "cos_gaussian_null_mean": float(a.cos(layer, "gaussian_null", "token").mean()),
+            "prompt_cos_u_mean": float(a.cos(layer, "u", "prompt").mean()),
+            "prompt_cos_uniform_null_mean": float(a.cos(layer, "uniform_null", "prompt").mean()),
+            "norm_mean": float(a.norm(layer, "token").mean()),
+            "norm_std": float(a.norm(layer, "token").std()),
+        }
+    return out
+
+
+def forget_norms(bench: "Workbench", layers: Iterable[int], settings: EvalSettings | None = None) -> dict[int, float]:
+    """‖h_l‖ of the frozen model at each block: mean token norm on the held-out forget texts (BOS excluded),
+    averaged over topics — the scale c is compared with."""
+    settings = settings or EvalSettings()
+    forget_eval = bench.split(settings, 0)[2]
+    layers = sorted(set(layers))
+    per_topic = []
+    for texts in forget_eval.values():
+        norms = token_norms(bench.model, list(texts), layers, tokenizer=bench.tokenizer, exclude_bos=True,
+                            batch_size=settings.batch_size)
+        per_topic.append([float(norms[l].mean()) for l in layers])
+    return {l: float(np.mean([p[i] for p in per_topic])) for i, l in enumerate(layers)}

@@ -1,0 +1,173 @@
+"""What the runs of a sweep share: the data (:class:`ExperimentData`, with its held-out split) and one loaded model
+with its tokenizer, prefix cache and base-model numbers (:class:`Workbench`)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from torch import nn
+
+from ..data import load_forget_corpus, load_mcq, load_text_corpus
+from ..evaluation import WMDP_SUBJECTS
+from ..models import load_model
+from ..organism import SUBJECTS, organism_corpora, organism_mcq
+from ..unlearning import PrefixCache, UnlearnResult
+from .measure import measure_outputs
+from .specs import EvalSettings, RunSpec
+
+__all__ = ["ExperimentData", "organism_data", "data_from_files", "cycle_texts", "Workbench", "LazyWorkbench",
+           "training_texts"]
+
+
+@dataclass(frozen=True, eq=False)
+class ExperimentData:
+    """Corpora and question sets of one experiment: ``forget`` topic -> texts, ``retain`` texts, ``mcq`` set ->
+    records (one set per forget topic plus ``"general"``), ``subjects`` set -> the prompt's subject."""
+
+    name: str
+    forget: Mapping[str, Sequence[str]]
+    retain: Sequence[str]
+    mcq: Mapping[str, Sequence[dict]]
+    subjects: Mapping[str, str]
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return tuple(self.forget)
+
+    def record_subjects(self, name: str, records: Sequence[dict]) -> list[str | None]:
+        """The prompt subject of each record of set ``name``: its own ``"subject"``, else the set's (None if empty)."""
+        default = self.subjects.get(name) or None
+        return [r.get("subject") or default for r in records]
+
+    def split(self, n_eval: int, seed: int) -> tuple[dict[str, list[str]], list[str], dict[str, list[str]], list[str]]:
+        """``(forget_train, retain_train, forget_eval, retain_eval)``: the last ``n_eval`` texts of each corpus are
+        held out; the rest is shuffled with ``seed`` (per corpus)."""
+        def cut(texts: Sequence[str], what: str) -> tuple[list[str], list[str]]:
+            if len(texts) < 2 * n_eval:
+                raise ValueError(f"the {what} corpus has {len(texts)} texts, fewer than 2 × eval_texts = {2 * n_eval}: "
+                                 "lower EvalSettings.eval_texts or give more text")
+            train = list(texts[:-n_eval])
+            random.Random(f"{seed}/{what}").shuffle(train)
+            return train, list(texts[-n_eval:])
+
+        forget_train, forget_eval = {}, {}
+        for topic, texts in self.forget.items():
+            forget_train[topic], forget_eval[topic] = cut(texts, f"{topic} forget")
+        retain_train, retain_eval = cut(self.retain, "retain")
+        return forget_train, retain_train, forget_eval, retain_eval
+
+
+def cycle_texts(texts: Sequence[str], n: int, seed: str) -> list[str]:
+    """``texts`` repeated to at least ``n`` (each further pass reshuffled with ``seed``): more steps than one
+    epoch of the training texts, as the reference's repeated corpora."""
+    out, epoch = list(texts), 0
+    while len(out) < n:
+        epoch += 1
+        again = list(texts)
+        random.Random(f"{seed}/epoch{epoch}").shuffle(again)
+        out += again
+    return out
+
+
+def organism_data(path: str | Path | None = None) -> ExperimentData:
+    """The built-in organism's corpora and held-out question sets (``rmu_analysis.organism``)."""
+    corpora = organism_corpora(path)
+    return ExperimentData(name="organism", forget=corpora["forget"], retain=corpora["retain"],
+                          mcq=organism_mcq(path), subjects=dict(SUBJECTS))
+
+
+def data_from_files(forget: Mapping[str, str | Path], retain: str | Path, mcq: Mapping[str, str | Path], *,
+                    name: str | None = None, min_chars: int = 0, subjects: Mapping[str, str] | None = None,
+                    limit: int | None = None) -> ExperimentData:
+    """Data from files (a real model): ``forget`` topic -> corpus file, one ``retain`` corpus, ``mcq`` set ->
+    question file (the forget topics and ``"general"``, e.g. WMDP-Bio, WMDP-Cyber and MMLU)."""
+    missing = [t for t in forget if t not in mcq] + ([] if "general" in mcq else ["general"])
+    if missing:
+        raise ValueError(f"question files are missing for {missing}: give one per forget topic and one 'general'")
+    subj = {**WMDP_SUBJECTS, "general": "", **(subjects or {})}
+    return ExperimentData(
+        name=name or "files:" + ",".join(f"{t}={Path(p).name}" for t, p in sorted({**forget, **mcq}.items())),
+        forget={t: load_forget_corpus(p, min_chars=min_chars) for t, p in forget.items()},
+        retain=load_text_corpus(retain, min_chars=min_chars),
+        mcq={s: load_mcq(p, limit=limit) for s, p in mcq.items()},
+        subjects={s: subj.get(s, s) for s in mcq},
+    )
+
+
+class Workbench:
+    """What the runs of a sweep share: one loaded model (never changed), its tokenizer and data, one
+    ``PrefixCache`` (a coefficient sweep at one layer reuses the frozen prefixes), an evaluation copy of the
+    model that receives each run's trained tensors (:meth:`installed`), and the base model's numbers.
+
+    ``eval_copy=False`` (a model too large to hold twice): the trained tensors are installed in the model for the
+    evaluation and the original ones restored afterwards (the prefix cache then empties itself every run).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, data: ExperimentData, *, model_id: str = "organism",
+                 eval_copy: bool = True, cache_entries: int | None = 4096):
+        self.model, self.tokenizer, self.data, self.model_id = model, tokenizer, data, model_id
+        self.eval_copy = eval_copy
+        self.cache = PrefixCache(max_entries=cache_entries)
+        self._copy: nn.Module | None = None
+        self._base: dict[EvalSettings, dict] = {}
+        self._splits: dict[tuple[int, int], tuple] = {}
+
+    @classmethod
+    def load(cls, model: str = "organism", data: ExperimentData | None = None, *, dtype: Any = None,
+             device: str | None = None, **kwargs: Any) -> "Workbench":
+        """Load ``model`` ("organism" or a local HF directory); ``data`` None = the organism's."""
+        if data is None:
+            if model != "organism":
+                raise ValueError("a model other than the organism needs its data: pass data=data_from_files(...)")
+            data = organism_data()
+        m, tok = load_model(model, dtype=dtype)
+        if device is not None:
+            m = m.to(device)
+        return cls(m, tok, data, model_id=model, **kwargs)
+
+    def split(self, settings: EvalSettings, seed: int) -> tuple:
+        key = (settings.eval_texts, seed)
+        if key not in self._splits:
+            self._splits[key] = self.data.split(settings.eval_texts, seed)
+        return self._splits[key]
+
+    def base(self, settings: EvalSettings) -> dict[str, Any]:
+        """The base model's output-side numbers (computed once per evaluation setting)."""
+        if settings not in self._base:
+            retain_eval = self.split(settings, 0)[3]
+            self._base[settings] = measure_outputs(self.model, self.tokenizer, self.data, settings, retain_eval)
+        return self._base[settings]
+
+    @contextlib.contextmanager
+    def installed(self, result: UnlearnResult) -> Iterator[nn.Module]:
+        """A model holding ``result``'s trained tensors inside the block (``UnlearnResult.installed``): the
+        evaluation copy, or the model itself when ``eval_copy`` is False; its own tensors are back on exit."""
+        if self.eval_copy and self._copy is None:
+            self._copy = copy.deepcopy(self.model).eval()
+        with result.installed(self._copy if self.eval_copy else self.model) as model:
+            yield model
+
+
+class LazyWorkbench:
+    """Builds the workbench on first use and keeps it (grids that need norms and the runs share one model)."""
+
+    def __init__(self, factory: Callable[[], Workbench]):
+        self.factory, self.bench = factory, None
+
+    def __call__(self) -> Workbench:
+        if self.bench is None:
+            self.bench = self.factory()
+        return self.bench
+
+
+def training_texts(bench: Workbench, spec: RunSpec) -> tuple[dict[str, list[str]], list[str]]:
+    """The run's training corpora: the held-out split's training part in the seed's order, repeated (reshuffled)
+    to cover every step."""
+    forget_train, retain_train, _, _ = bench.split(spec.eval, spec.seed)
+    need = -(-spec.steps // len(bench.data.topics)) * spec.batch_size  # texts per corpus for every step
+    forget = {t: cycle_texts(v, need, f"{spec.seed}/{t}") for t, v in forget_train.items()}
+    return forget, cycle_texts(retain_train, need, f"{spec.seed}/retain")

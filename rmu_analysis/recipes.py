@@ -1,0 +1,116 @@
+"""Named recipes: every unlearning setting the project runs, in one registry that the CLI (``--preset``,
+``reproduce``, ``sweep``), the notebooks and the benchmarks read.
+
+- The paper's recipe on Zephyr-7B (arXiv 2408.06223, §5 and Table 1: l = 7, trained blocks 5–7, c = 6.5, β = 5,
+  α = 1200, lr 5e-5, batch 4, 500 steps) is the defaults of the config dataclasses
+  (:mod:`rmu_analysis.unlearning.config`); the ``zephyr-7b-*`` presets and :func:`model_plan` take it from there.
+- The organism is 12 blocks of width 128, so its recipes differ (lr 1e-2 and α = 100 instead of 5e-5 and 1200: at
+  the paper's values nothing moves in a 384-wide MLP, benchmarks/organism_methods.py) and differ from each other
+  on purpose: ``organism-*`` (l = 3, c = 40: the best of c ∈ {6.5 … 80} in that benchmark; 200 steps, one pass
+  over the corpora), :func:`organism_plan` (the sweeps: c = 30, see its docstring) and ``organism-notebook-*``
+  (the notebooks' small, fast runs: l = 2, α = 10, 60 steps on 64-token texts, masked loss, every step logged;
+  c is chosen per notebook relative to the block-l norm).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from .experiments.plans import ExperimentPlan, grid_points, valid_layers
+from .experiments.specs import EvalSettings
+from .organism import SCORING
+from .unlearning.config import AdaptiveRMUConfig, RMUConfig
+
+__all__ = ["PRESETS", "PLANS", "ZEPHYR", "organism_plan", "model_plan", "preset"]
+
+#: The paper's Zephyr-7B recipe: the config defaults (one place), trained blocks l−2..l, forget lengths 512 / 768.
+ZEPHYR = RMUConfig(trained_layers=(5, 6, 7), forget_max_length=(512, 768))
+_ZEPHYR_BETA = AdaptiveRMUConfig().beta
+_ORGANISM = {"layer": 3, "alpha": 100.0, "lr": 1e-2, "batch_size": 4, "steps": 200}
+_NOTEBOOK = {"layer": 2, "lr": 1e-2, "alpha": 10.0, "steps": 60, "batch_size": 4, "forget_max_length": 64,
+             "retain_max_length": 64, "loss": "masked", "log_every": 1}
+
+#: Named configs for ``unlearn`` (``rmu-analysis unlearn --preset NAME``).
+PRESETS: dict[str, RMUConfig | AdaptiveRMUConfig] = {
+    "zephyr-7b-rmu": ZEPHYR,
+    "zephyr-7b-adaptive-rmu": AdaptiveRMUConfig(trained_layers=(5, 6, 7), forget_max_length=(512, 768),
+                                                coefficient="first-batch"),
+    "organism-rmu": RMUConfig(steering_coeff=40.0, **_ORGANISM),
+    "organism-adaptive-rmu": AdaptiveRMUConfig(beta=5.0, coefficient="first-batch", **_ORGANISM),
+    "organism-notebook-rmu": RMUConfig(**_NOTEBOOK),
+    "organism-notebook-adaptive-rmu": AdaptiveRMUConfig(beta=5.0, **_NOTEBOOK),
+}
+
+
+def preset(name: str, **changes) -> RMUConfig | AdaptiveRMUConfig:
+    """``PRESETS[name]`` with ``changes`` (``dataclasses.replace``, validated), e.g.
+    ``preset("organism-notebook-rmu", steering_coeff=16.0)``."""
+    if name not in PRESETS:
+        raise ValueError(f"no preset {name!r}: presets are {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **changes)
+
+
+def organism_plan(quick: bool = False) -> ExperimentPlan:
+    """The experiments on the built-in organism (12 blocks, cloze scoring), sized for 2 CPU cores (two one-thread
+    worker processes): the full plan ≈ 20 minutes, ``quick`` ≈ 2 minutes (one seed, blocks 3, 7, 11, the first
+    48 questions of each set and 32 held-out texts per corpus: its accuracies are on that subset).
+
+    Steering runs: 200 steps, lr 1e-2, α = 100 (the organism is tiny and trains fast; 100 steps do not converge).
+    Fixed c = 30 ≈ 3.4 × the frozen forget norm at block 3 (8.8, ``build_report.json``): it forgets at block 3
+    and, the norm growing 2.7× over depth, c / ‖h_l‖ falls to 1.2 at block 11. Adaptive RMU: β = 5 (the paper's).
+    Table 1 at block 3 (l = 7 of 32 in the paper, about the same relative depth). The baselines train the same
+    tensors as RMU (the MLP down-projections of blocks l−2..l), 100 steps, each over two learning rates that
+    bracket the step from "nothing forgotten" to "general accuracy collapses" (measured at block 3, seed 0: GA
+    3e-4 forgets nothing, 1e-3 collapses general to 39%, so GA also gets 5e-4 and 7e-4 between them; GradDiff
+    1e-3 → 74/56% forget, 3e-3 → collapse; NPO 1e-3 forgets nothing, 3e-3 → 66/53%).
+    """
+    steps, lr, alpha, c = 200, 1e-2, 100.0, 30.0
+    steering = {"lr": lr, "alpha": alpha}
+    grid = grid_points(
+        ga=[{"lr": 3e-4, "steps": 100}, {"lr": 5e-4, "steps": 100}, {"lr": 7e-4, "steps": 100}, {"lr": 1e-3, "steps": 100}],
+        graddiff=[{"lr": 1e-3, "alpha": 1.0, "steps": 100}, {"lr": 3e-3, "alpha": 1.0, "steps": 100}],
+        npo=[{"lr": 3e-3, "coeff": 0.1, "alpha": 1.0, "steps": 100}, {"lr": 1e-2, "coeff": 0.1, "alpha": 1.0, "steps": 100}],
+        rmu=[{**steering, "coeff": c}, {**steering, "coeff": 40.0}],
+        adaptive_rmu=[{**steering, "coeff": 3.0}, {**steering, "coeff": 5.0}],
+    )
+    evaluation = EvalSettings(scoring=SCORING)
+    if quick:
+        small = grid_points(ga=[{"lr": 1e-3, "steps": 100}], graddiff=[{"lr": 1e-3, "alpha": 1.0, "steps": 100}],
+                            npo=[{"lr": 3e-3, "coeff": 0.1, "alpha": 1.0, "steps": 100}], rmu=[{**steering, "coeff": c}],
+                            adaptive_rmu=[{**steering, "coeff": 5.0}])
+        return ExperimentPlan(layers=(3, 7, 11), c=c, steps=steps, lr=lr, alpha=alpha, table_layer=3,
+                              table_grid=small, seeds=(0,), coeff_layers=(3, 11), coeff_ratios=(1.0, 4.0),
+                              eval=dataclasses.replace(evaluation, questions=48, eval_texts=32, confidence_prompts=16))
+    return ExperimentPlan(layers=tuple(valid_layers(12)), c=c, steps=steps, lr=lr, alpha=alpha, table_layer=3,
+                          table_grid=grid, seeds=(0, 1, 2), coeff_layers=(3, 7, 11),
+                          coeff_ratios=(0.5, 1.0, 2.0, 4.0, 8.0), adaptive_betas=(2.0, 10.0), eval=evaluation)
+
+
+def model_plan(n_blocks: int, *, model: str, data: str, c: float | None = None, layer: int | None = None,
+               steps: int | None = None, seeds: tuple[int, ...] = (0, 1, 2), eval: EvalSettings | None = None
+               ) -> ExperimentPlan:
+    """The paper's recipe on a real model (``ZEPHYR``: l = 7, c = 6.5, β = 5, α = 1200, lr 5e-5, 500 steps unless
+    given); baselines at the WMDP paper's scale of learning rates."""
+    c = ZEPHYR.steering_coeff if c is None else c
+    layer = ZEPHYR.layer if layer is None else layer
+    steps = ZEPHYR.steps if steps is None else steps
+    steering = {"lr": ZEPHYR.lr, "alpha": ZEPHYR.alpha}
+    grid = grid_points(
+        ga=[{"lr": 1e-5}, {"lr": 5e-5}],
+        graddiff=[{"lr": 1e-5, "alpha": 1.0}, {"lr": 5e-5, "alpha": 1.0}],
+        npo=[{"lr": 1e-5, "coeff": 0.1, "alpha": 1.0}, {"lr": 5e-5, "coeff": 0.1, "alpha": 1.0}],
+        rmu=[{**steering, "coeff": c}],
+        adaptive_rmu=[{**steering, "coeff": _ZEPHYR_BETA}],
+    )
+    return ExperimentPlan(layers=tuple(valid_layers(n_blocks)), c=c, steps=steps, lr=ZEPHYR.lr, alpha=ZEPHYR.alpha,
+                          table_layer=layer, table_grid=grid, seeds=seeds, coeff_layers=(layer,),
+                          coeff_ratios=(0.5, 1.0, 2.0, 4.0), beta=_ZEPHYR_BETA, model=model, data=data,
+                          eval=eval or EvalSettings(confidence_prompts=64, confidence_tokens=30))
+
+
+#: Named sweep plans: ``PLANS[name](...)`` builds the :class:`~rmu_analysis.experiments.plans.ExperimentPlan`.
+PLANS: dict[str, Callable[..., ExperimentPlan]] = {
+    "organism": organism_plan,
+    "organism-quick": lambda: organism_plan(quick=True),
+    "model": model_plan,
+}
