@@ -46,7 +46,8 @@ def main() -> None:
               f"({loop / args.steps:.3f} s/step, {len(recs) * cfg.candidates} candidate sequences per step; "
               f"whole call incl. clean/text evaluation {time.perf_counter() - t0:.1f} s)")
 
-    prompts = adversarial_prompts(tok, recs, subject, n_tokens=5, init_id=tok("!", add_special_tokens=False)["input_ids"][0])
+    init = tok("!", add_special_tokens=False)["input_ids"][0]
+    prompts = adversarial_prompts(tok, recs, subject, n_tokens=5, init_id=init)
     cache = prefix_cache(model, prompts)
     g = torch.Generator().manual_seed(0)
     rows = torch.arange(len(recs)).repeat_interleave(64)

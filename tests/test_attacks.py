@@ -107,6 +107,18 @@ def test_universal_gcg_shares_one_string(tiny_llama, tiny_tokenizer):
     assert res.setting.startswith("universal")
 
 
+def test_random_search_baseline_draws_from_the_whole_vocabulary(tiny_llama, tiny_tokenizer):
+    guided = gcg(tiny_llama, tiny_tokenizer, records(2), small(steps=4, top_k=4))
+    rand = gcg(tiny_llama, tiny_tokenizer, records(2), small(steps=4, top_k=4, guidance="random"))
+    assert "random search" in rand.setting and "random" not in guided.setting
+    loss = [h["loss"] for h in rand.history]
+    assert all(b <= a for a, b in zip(loss, loss[1:]))
+    ok = allowed_tokens(tiny_tokenizer, len(tiny_tokenizer))
+    assert all(ok[t] for a in rand.adv_ids for t in a)
+    with pytest.raises(ValueError, match="guidance"):
+        GCGConfig(guidance="beam")
+
+
 def test_allowed_tokens_round_trip(tiny_tokenizer):
     ok = allowed_tokens(tiny_tokenizer, len(tiny_tokenizer) + 5)
     assert not ok[len(tiny_tokenizer):].any()  # rows beyond the tokenizer are never used
@@ -126,6 +138,9 @@ def test_wrong_target_control_and_report(tiny_llama, tiny_tokenizer):
     assert rep.correct.config.target == "correct" and rep.wrong.config.target == "wrong"
     frame = rep.to_frame()
     assert list(frame.columns) == list(COLUMNS)
+    base_rate = frame[frame.metric == "clean target success"].iloc[0].accuracy
+    assert base_rate == pytest.approx(rep.wrong.clean_target.mean())  # the wrong letter before any attack
+    assert not (rep.wrong.clean_target & rep.wrong.clean_correct).any()
     row = frame[frame.metric == "recovered (correct − wrong)"].iloc[0]
     expect = rep.correct.attacked_target.mean() - rep.wrong.attacked_target.mean()
     assert row.accuracy == pytest.approx(expect) and row.low <= row.accuracy <= row.high

@@ -16,7 +16,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -24,7 +23,9 @@ from .. import capture
 from ..evaluation import evaluate_mcq
 from ..models import check_layer, decoder_blocks, resolve_tokenizer
 from ..stats import paired_difference
-from .common import AttackRow, check_choice, check_positive_int, check_records, difference_row, interval_row, rows_frame
+from .common import (
+    AttackRow, check_choice, check_positive_int, check_records, difference_row, interval_row, rows_frame,
+)
 
 __all__ = ["AblateConfig", "AblateResult", "ablate_direction", "unlearning_direction", "ablate_attack"]
 
@@ -144,7 +145,8 @@ class AblateResult:
     def rows(self) -> tuple[AttackRow, ...]:
         s = f"block {self.config.layer}, {self.config.mode}"
         out = [interval_row(self.method, "ablate", s, "clean accuracy", self.clean.interval()),
-               interval_row(self.method, "ablate", s, "ablated accuracy", self.ablated.interval(), seconds=self.seconds),
+               interval_row(self.method, "ablate", s, "ablated accuracy", self.ablated.interval(),
+                            seconds=self.seconds),
                difference_row(self.method, "ablate", s, "recovered", self.recovered, seconds=self.seconds)]
         if self.random is not None:
             out.append(interval_row(self.method, "ablate", s, "random-direction accuracy", self.random.interval()))

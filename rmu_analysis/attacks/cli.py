@@ -32,10 +32,12 @@ def add_attack_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="JSON file to write (atomically)")
     p.add_argument("--method", default=None, help="label of the model in the table (default: the --model name)")
     # data
-    p.add_argument("--questions", type=Path, nargs="+", help="forget-topic question files (default: organism bio, cyber)")
+    p.add_argument("--questions", type=Path, nargs="+",
+                   help="forget-topic question files (default: the organism's bio and cyber sets)")
     p.add_argument("--subject", default=None, help='the "about {subject}" of lettered prompts (default: per topic)')
     p.add_argument("--general-questions", type=Path, help="fragility: general questions (default: organism general)")
-    p.add_argument("--forget-texts", type=Path, nargs="+", help="relearn/ablate: forget-topic texts (default: organism)")
+    p.add_argument("--forget-texts", type=Path, nargs="+",
+                   help="relearn/ablate: forget-topic texts (default: the organism's forget corpora)")
     p.add_argument("--retain-texts", type=Path, help="relearn control: unrelated texts (default: organism retain)")
     p.add_argument("--terms", nargs="+", help="fragility: forget-topic terms (default: the forget questions' entities)")
     p.add_argument("--split-key", default="entity", help='record field to split dev/test by ("none": by question)')

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -62,6 +62,10 @@ class GCGConfig:
     512 candidates per step). ``universal``: one string for all prompts (loss summed) instead of one per question.
     ``init``: the text of the token every adversarial position starts from (``"!"`` as in Zou et al.).
     ``batch_size``: sequences per forward pass when scoring candidates (and prompts per gradient pass).
+    ``guidance``: ``"gradient"`` (GCG: replacement tokens from the top-k of the one-hot gradient) or ``"random"``
+    (the same search with tokens drawn uniformly from the usable vocabulary: the baseline that shows what the
+    gradient adds — what arXiv 2408.06223 §3.3 argues unlearning takes away; gradients are still computed and
+    recorded).
     ``use_cache``: compute the keys and values of the tokens before the slots once and run only the slots and
     what follows them (same numbers up to float rounding; False runs whole prompts)."""
 
@@ -73,6 +77,7 @@ class GCGConfig:
     target: str = "correct"
     universal: bool = False
     init: str = "!"
+    guidance: str = "gradient"
     batch_size: int = 128
     use_cache: bool = True
     seed: int = 0
@@ -85,6 +90,7 @@ class GCGConfig:
         check_positive_int(self.batch_size, "batch_size")
         check_choice(self.position, "position", POSITIONS)
         check_choice(self.target, "target", TARGETS)
+        check_choice(self.guidance, "guidance", ("gradient", "random"))
         if not isinstance(self.init, str) or not self.init:
             raise ValueError(f"init must be a non-empty string (the text of one token), got {self.init!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -384,10 +390,12 @@ class GCGResult:
     ``accuracy`` (prediction = right letter), ``target_success`` (prediction = target letter), ``grad_norm``
     (mean over strings of ‖∂loss/∂one-hot‖), ``grad_norm_embed`` (‖∂loss/∂adversarial embeddings‖),
     ``grad_corr`` (Spearman correlation, over the step's candidates, of the gradient's first-order prediction of
-    the loss change with the actual change; NaN at the last recorded step), ``accepted`` (strings improved this
-    step), ``seconds``. Per-question arrays: ``clean_correct`` (the evaluation's scorer, no attack),
-    ``attacked_correct`` / ``attacked_target`` (token ids as optimised), ``text_correct`` (the prompt with the
-    attack's string decoded to text and tokenised afresh, :func:`text_letter_logprobs`).
+    the loss change, ∂loss/∂onehot[new] − ∂loss/∂onehot[old], with the actual change; NaN at the last recorded
+    step. With gradient guidance the candidates are the top-k tokens only, so compare it across models, not with 0),
+    ``accepted`` (strings improved this step), ``seconds``. Per-question arrays: ``clean_correct`` /
+    ``clean_target`` (the evaluation's scorer, no attack), ``attacked_correct`` / ``attacked_target`` (token ids as
+    optimised), ``text_correct`` (the prompt with the attack's string decoded to text and tokenised afresh,
+    :func:`text_letter_logprobs`).
     """
 
     config: GCGConfig
@@ -411,7 +419,10 @@ class GCGResult:
 
     @property
     def setting(self) -> str:
-        return f"{'universal' if self.config.universal else 'per-question'}, target {self.config.target}"
+        kind = "universal" if self.config.universal else "per-question"
+        if self.config.guidance != "gradient":
+            kind += f", {self.config.guidance} search"
+        return f"{kind}, target {self.config.target}"
 
     def curve_frame(self):
         """The per-step history as a DataFrame (with ``method`` and ``target`` columns)."""
@@ -425,13 +436,16 @@ class GCGResult:
     def rows(self) -> tuple[AttackRow, ...]:
         steps, secs = self.config.steps, self.seconds
         rows = [
-            interval_row(self.method, "gcg", self.setting, "clean accuracy", accuracy_ci(self.clean_correct, self.clusters)),
+            interval_row(self.method, "gcg", self.setting, "clean accuracy",
+                         accuracy_ci(self.clean_correct, self.clusters)),
             interval_row(self.method, "gcg", self.setting, "attacked accuracy",
                          accuracy_ci(self.attacked_correct, self.clusters), steps=steps, seconds=secs),
             interval_row(self.method, "gcg", self.setting, "attacked accuracy (text)",
                          accuracy_ci(self.text_correct, self.clusters), steps=steps, seconds=secs),
         ]
         if self.config.target != "correct":
+            rows.append(interval_row(self.method, "gcg", self.setting, "clean target success",
+                                     accuracy_ci(self.clean_target, self.clusters)))
             rows.append(interval_row(self.method, "gcg", self.setting, "target success",
                                      accuracy_ci(self.attacked_target, self.clusters), steps=steps, seconds=secs))
         return tuple(rows)
@@ -494,6 +508,7 @@ def gcg(
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     device = model_device(model)
     blocked = (~allowed).to(device)
+    usable = torch.nonzero(allowed)[:, 0]
     tgt = prompts.targets
     ans = prompts.answers
 
@@ -530,11 +545,14 @@ def gcg(
                 row.update(grad_corr=float("nan"), accepted=0)
                 history.append(row)
                 break
-            g = g_onehot.masked_fill(blocked, float("inf"))
-            top = (-g).topk(config.top_k, dim=-1).indices.cpu()  # [S, P, k]
             pos = torch.randint(0, P, (S, B), generator=gen)
-            pick = torch.randint(0, config.top_k, (S, B), generator=gen)
-            new_tok = top[torch.arange(S)[:, None], pos, pick]  # [S, B]
+            if config.guidance == "gradient":
+                g = g_onehot.masked_fill(blocked, float("inf"))
+                top = (-g).topk(config.top_k, dim=-1).indices.cpu()  # [S, P, k]
+                pick = torch.randint(0, config.top_k, (S, B), generator=gen)
+                new_tok = top[torch.arange(S)[:, None], pos, pick]  # [S, B]
+            else:
+                new_tok = usable[torch.randint(0, usable.shape[0], (S, B), generator=gen)]
             cand = adv[:, None, :].repeat(1, B, 1)  # [S, B, P]
             cand.scatter_(2, pos[..., None], new_tok[..., None])
             if S == 1:  # every candidate on every prompt: rows (b, i)
@@ -564,16 +582,15 @@ def gcg(
                     cur_logp = logp[best[s]].clone()
                 else:
                     cur_logp[s] = logp[s, best[s]]
+        adv_ids = tuple(tuple(int(t) for t in a) for a in adv)
+        adv_text = tuple(tokenizer.decode(list(a), clean_up_tokenization_spaces=False) for a in adv_ids)
+        texts = [before + adv_text[0 if S == 1 else i] + after for i, (before, after) in enumerate(prompts.texts)]
+        text_pred = text_letter_logprobs(model, tokenizer, texts, prompts.letter_ids,
+                                         batch_size=min(config.batch_size, 64)).argmax(1).numpy()
     finally:
         model.train(was_training)
-
     pred = cur_logp.argmax(1).numpy()
-    adv_ids = tuple(tuple(int(t) for t in a) for a in adv)
-    adv_text = tuple(tokenizer.decode(list(a), clean_up_tokenization_spaces=False) for a in adv_ids)
     clean = evaluate_mcq(model, tokenizer, recs, subject, batch_size=min(config.batch_size, 64), cluster_key=())
-    texts = [before + adv_text[0 if S == 1 else i] + after for i, (before, after) in enumerate(prompts.texts)]
-    text_pred = text_letter_logprobs(model, tokenizer, texts, prompts.letter_ids,
-                                     batch_size=min(config.batch_size, 64)).argmax(1).numpy()
     return GCGResult(
         config=config, method=method, answers=answers, targets=targets, adv_ids=adv_ids, adv_text=adv_text,
         history=tuple(history), clean_correct=clean.predictions == answers, clean_target=clean.predictions == targets,
@@ -598,8 +615,9 @@ class GCGReport:
 
     def rows(self) -> tuple[AttackRow, ...]:
         c = self.correct
-        extra = difference_row(c.method, "gcg", c.setting.replace(", target correct", ""), "recovered (correct − wrong)",
-                               self.recovered, steps=c.config.steps, seconds=c.seconds + self.wrong.seconds)
+        extra = difference_row(c.method, "gcg", c.setting.replace(", target correct", ""),
+                               "recovered (correct − wrong)", self.recovered, steps=c.config.steps,
+                               seconds=c.seconds + self.wrong.seconds)
         return c.rows() + self.wrong.rows() + (extra,)
 
     def to_frame(self):
@@ -642,9 +660,10 @@ class GCGTransferResult:
         d = self.dev
         steps = d.config.steps
         return (
-            interval_row(d.method, "gcg", "transfer", "dev attacked accuracy", accuracy_ci(d.attacked_correct, d.clusters),
-                         steps=steps, seconds=d.seconds),
-            interval_row(d.method, "gcg", "transfer", "test clean accuracy", accuracy_ci(self.test_clean, self.test_clusters)),
+            interval_row(d.method, "gcg", "transfer", "dev attacked accuracy",
+                         accuracy_ci(d.attacked_correct, d.clusters), steps=steps, seconds=d.seconds),
+            interval_row(d.method, "gcg", "transfer", "test clean accuracy",
+                         accuracy_ci(self.test_clean, self.test_clusters)),
             interval_row(d.method, "gcg", "transfer", "test attacked accuracy",
                          accuracy_ci(self.test_attacked, self.test_clusters), steps=steps, seconds=self.seconds),
             difference_row(d.method, "gcg", "transfer", "test gain", self.gain, steps=steps, seconds=self.seconds),

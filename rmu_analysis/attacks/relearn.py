@@ -23,7 +23,7 @@ from torch import nn
 
 from ..evaluation import evaluate_mcq
 from ..models import ensure_pad_token, model_device, resolve_tokenizer
-from .common import AttackRow, check_choice, check_positive_int, check_records, interval_row, rows_frame
+from .common import AttackRow, check_choice, check_positive_int, check_records, rows_frame
 
 __all__ = ["RelearnConfig", "RelearnResult", "relearn", "relearn_attack", "trained_copy_restored", "lm_loss"]
 
