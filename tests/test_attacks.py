@@ -346,11 +346,17 @@ def test_probe_attack_wiring(tiny_llama, tiny_tokenizer):
     recs = records(8)
     res = probe_attack(tiny_llama, tiny_llama, tiny_tokenizer, recs[:4], recs[4:], ProbeConfig(layers=[0, 3]))
     frame = res.to_frame()
-    assert len(frame) == 6 and set(frame.layer) == {0, 3}
+    assert len(frame) == 7 and set(frame.layer) == {-1, 0, 3}
+    assert frame.iloc[0].setting == "chance" and frame.iloc[0].accuracy == 0.25  # index probe: 4 letters
     for l in (0, 3):  # the same model as base and unlearned: the base probe reads both the same
         assert np.array_equal(res.correct[("base probe → base", l)], res.correct[("base probe → unlearned", l)])
-    val = probe_attack(tiny_llama, None, tiny_tokenizer, recs[:4], recs[4:], ProbeConfig(prompt="cloze", layers=1))
-    assert val.n_classes == len({r["choices"][r["answer"]] for r in recs[:4]}) and len(val.to_frame()) == 1
+    # value probe: one class per dev answer; a test question whose answer no dev question had is left out
+    dev = recs[:4]
+    test = recs[4:] + [dict(recs[4], choices=["bats", "mice", "newts", "owls"], answer=2)]
+    val = probe_attack(tiny_llama, None, tiny_tokenizer, dev, test, ProbeConfig(prompt="cloze", layers=1))
+    assert val.n_classes == len({r["choices"][r["answer"]] for r in dev}) and val.n_unscorable == 1
+    assert len(val.correct[("base probe → base", 1)]) == 4 and len(val.to_frame()) == 2
+    assert val.chance >= 0.25
 
 
 # ------------------------------------------------------------------------------------------ fragility

@@ -55,7 +55,10 @@ def add_attack_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--suffix-tokens", type=int, default=None, help="gcg adversarial tokens (default 5)")
     p.add_argument("--top-k", type=int, default=None, help="gcg top-k tokens per position (default 64)")
     p.add_argument("--candidates", type=int, default=None, help="gcg candidates per step (default 64)")
-    p.add_argument("--position", choices=("suffix", "prefix"), default=None, help="gcg: after or before the question")
+    p.add_argument("--position", choices=("suffix", "prefix"), default=None,
+                   help="gcg: after the choices (before 'Answer:') or before the question")
+    p.add_argument("--guidance", choices=("gradient", "random"), default=None,
+                   help="gcg: top-k gradient tokens (GCG) or uniformly random tokens (the random-search baseline)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass")
     # relearn
     p.add_argument("--checkpoints", type=int, nargs="+", default=None, help="relearn: evaluate after these steps")
@@ -170,7 +173,7 @@ def _gcg_config(args):
     from .gcg import GCGConfig
 
     given = {"steps": args.steps, "n_tokens": args.suffix_tokens, "top_k": args.top_k, "candidates": args.candidates,
-             "position": args.position, "batch_size": args.batch_size}
+             "position": args.position, "batch_size": args.batch_size, "guidance": args.guidance}
     return GCGConfig(universal=args.mode == "universal", seed=args.seed,
                      **{k: v for k, v in given.items() if v is not None})
 

@@ -8,10 +8,11 @@ same read-out: did unlearning erase it or only move it?); a probe refitted on th
 asks whether the answer is decodable at all.
 
 Labels (``target``): ``"index"`` — the answer's position 0..3 (meaningful for the lettered prompt, which lists the
-choices); ``"value"`` — the answer's text, one class per distinct answer in the dev questions, predicted on a test
-question as the best-scoring of its four choices (choices never seen as a dev answer cannot be predicted; a test
-question with none is counted wrong and reported in ``n_unscorable``). ``"auto"``: index for letter prompts,
-value for cloze prompts. Chance is 25% either way.
+choices; chance 25%); ``"value"`` — the answer's text, one class per distinct answer in the dev questions,
+predicted on a test question as the best-scoring of those of its four choices that are classes. A test question
+whose answer was never a dev answer cannot be answered by such a probe: it is left out (``n_unscorable``), and
+chance is the mean of 1 / (choices that are classes) over the questions kept (``chance``, a row of the table).
+``"auto"``: index for letter prompts, value for cloze prompts.
 
 The regression (L2-penalised, standardised features, full-batch L-BFGS) is plain torch, fp64; no scikit-learn.
 """
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import capture
+from ..activations import capture
 from ..evaluation import mcq_prompt, subject_list
 from ..models import check_layers, resolve_tokenizer
 from .common import (
@@ -144,7 +145,9 @@ def _prompts(records: list[dict], subject: Any, prompt: str) -> list[str]:
 class ProbeResult:
     """Per block: probe accuracy on the test questions in three settings — ``"base probe → base"`` (the
     ceiling), ``"base probe → unlearned"`` (the same read-out on the unlearned model) and ``"refit → unlearned"``
-    (a probe fitted on the unlearned model's dev states). ``correct[(setting, layer)]``: per-question booleans."""
+    (a probe fitted on the unlearned model's dev states). ``correct[(setting, layer)]``: per-question booleans
+    over the scored test questions (``n_unscorable`` left out, see the module docstring); ``chance``: the accuracy
+    of guessing uniformly among the choices the probe can name."""
 
     config: ProbeConfig
     method: str
@@ -154,17 +157,22 @@ class ProbeResult:
     clusters: tuple | None
     n_classes: int
     n_unscorable: int
+    chance: float
     seconds: float
 
     def rows(self) -> tuple[AttackRow, ...]:
         control = " (shuffled labels)" if self.config.shuffle_labels else ""
-        return tuple(interval_row(self.method, "probe", f"{setting}{control}", f"block {layer}",
-                                  accuracy_ci(c, self.clusters), seconds=self.seconds)
-                     for (setting, layer), c in self.correct.items())
+        n = len(next(iter(self.correct.values())))
+        rows = [AttackRow(self.method, "probe", "chance", "all blocks", self.chance, self.chance, self.chance, n, 0,
+                          0.0)]
+        rows += [interval_row(self.method, "probe", f"{setting}{control}", f"block {layer}",
+                              accuracy_ci(c, self.clusters), seconds=self.seconds)
+                 for (setting, layer), c in self.correct.items()]
+        return tuple(rows)
 
     def to_frame(self):
         frame = rows_frame(self.rows())
-        frame.insert(4, "layer", [layer for (_, layer) in self.correct])
+        frame.insert(4, "layer", [-1] + [layer for (_, layer) in self.correct])
         return frame
 
 
@@ -183,13 +191,13 @@ def probe_attack(base: nn.Module, unlearned: nn.Module | None, tokenizer: Any, d
     layers = check_layers(base, config.layers)
     dev_prompts = _prompts(dev, subject, config.prompt)
     test_prompts = _prompts(test, subject if test_subject is None else test_subject, config.prompt)
+    keep = np.ones(len(test), dtype=bool)
     if config.resolved_target == "index":
-        classes = None
         y_dev = np.array([r["answer"] for r in dev])
         y_test = np.array([r["answer"] for r in test])
         allowed = None
         K = 4
-        unscorable = 0
+        chance = 0.25
     else:
         classes = sorted({r["choices"][r["answer"]] for r in dev})
         index = {c: i for i, c in enumerate(classes)}
@@ -197,14 +205,19 @@ def probe_attack(base: nn.Module, unlearned: nn.Module | None, tokenizer: Any, d
         if K < 2:
             raise ValueError("the dev questions have fewer than 2 distinct answers: a value probe needs at least 2")
         y_dev = np.array([index[r["choices"][r["answer"]]] for r in dev])
-        truth = [index.get(r["choices"][r["answer"]], -2) for r in test]
-        y_test = np.array(truth)
+        keep = np.array([r["choices"][r["answer"]] in index for r in test])
+        if not keep.any():
+            raise ValueError("no test question's answer is among the dev questions' answers: a value probe cannot "
+                             "name any of them; use more dev questions, or target='index' with letter prompts")
+        test = [r for r, k in zip(test, keep) if k]
+        test_prompts = [p for p, k in zip(test_prompts, keep) if k]
+        y_test = np.array([index[r["choices"][r["answer"]]] for r in test])
         allowed = np.zeros((len(test), K), dtype=bool)
         for i, r in enumerate(test):
             for c in r["choices"]:
                 if c in index:
                     allowed[i, index[c]] = True
-        unscorable = int((~allowed.any(1)).sum())
+        chance = float((1.0 / allowed.sum(1)).mean())
     if config.shuffle_labels:
         y_dev = np.random.default_rng(config.seed).permutation(y_dev)
     models = {"base": base} if unlearned is None else {"base": base, "unlearned": unlearned}
@@ -222,5 +235,5 @@ def probe_attack(base: nn.Module, unlearned: nn.Module | None, tokenizer: Any, d
             refit = fit_probe(feats["unlearned"][0][l], y_dev, K, l2=config.l2, max_iter=config.max_iter)
             correct[("refit → unlearned", l)] = refit.predict(feats["unlearned"][1][l], allowed) == y_test
     return ProbeResult(config=config, method=method, layers=tuple(layers), correct=correct, train_accuracy=train_acc,
-                       clusters=record_clusters(test, cluster_key), n_classes=K, n_unscorable=unscorable,
-                       seconds=time.perf_counter() - t0)
+                       clusters=record_clusters(test, cluster_key), n_classes=K, n_unscorable=int((~keep).sum()),
+                       chance=chance, seconds=time.perf_counter() - t0)
