@@ -252,7 +252,8 @@ def run_attack(args) -> int:
             direction = _read_vector(args.direction)
         else:
             base, _ = _load(args, args.base)
-            texts = _texts(args.forget_texts, "forget", args)[: args.n_texts]
+            texts = _texts(args.forget_texts, "forget", args)
+            texts = [texts[i] for i in np.random.default_rng(args.seed).permutation(len(texts))[: args.n_texts]]
             direction = unlearning_direction(base, model, tok, texts, args.layer)
         result = ablate_attack(model, tok, test, direction, config, subject=test_subj, method=method)
     else:
