@@ -57,6 +57,7 @@ class BuildConfigV2:
     max_doc_tokens: int = 192
     threads: int = 2
     docs_per_entity: int = 12
+    tie_embeddings: bool = False  # one matrix for input embedding and unembedding
     split_sizes: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()  # () = world_v2.SPLIT_SIZES
 
     def world(self) -> V.World:
@@ -75,7 +76,8 @@ def _key_drill(vocab: tuple[str, ...], rng: random.Random) -> str:
     choices = rng.sample(list(vocab), 4)
     body = "\n".join(f"{letter}. {c}" for letter, c in zip(V.LETTERS, choices))
     order = rng.sample(range(4), 4)
-    return body + "\n" + "\n".join(f"{choices[j]}: {V.LETTERS[j]}" for j in order)
+    # "Answer for <value>: <letter>": the value keeps its leading space, so it is the same token as in the list
+    return body + "\n" + "\n".join(f"Answer for {choices[j]}: {V.LETTERS[j]}" for j in order)
 
 
 class Stream:
@@ -122,7 +124,9 @@ def train_model_v2(cfg: BuildConfigV2, world: V.World, tokenizer, *, progress: b
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(model_config(cfg, len(tokenizer), tokenizer))
+    config = model_config(cfg, len(tokenizer), tokenizer)
+    config.tie_word_embeddings = cfg.tie_embeddings
+    model = LlamaForCausalLM(config)
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, cfg.embed_init_std)
     model.train()
