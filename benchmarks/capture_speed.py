@@ -20,7 +20,7 @@ import warnings
 import torch
 
 from rmu_analysis.activations import capture
-from rmu_analysis.models import decoder_blocks
+from rmu_analysis.models import attach_tokenizer, decoder_blocks
 
 WORDS = ("pathogen host bats ferrets aerosol droplet exploit server port buffer overflow city river Varon Elm "
          "chemistry element person born treaty gateway incubation symptom fever culture passage").split()
@@ -31,8 +31,7 @@ def load(seed: int = 0):
     try:
         from rmu_analysis.organism import load_organism
 
-        model, tok = load_organism()
-        model._rmu_tokenizer = tok
+        model, tok = load_organism()  # its tokenizer is attached to it
         return model, tok, "organism (load_organism())"
     except Exception as exc:  # the organism is optional here
         reason = f"{type(exc).__name__}: {exc}"
@@ -46,14 +45,13 @@ def load(seed: int = 0):
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=12,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(cfg).eval()
-    model._rmu_tokenizer = tok
+    model = attach_tokenizer(LlamaForCausalLM(cfg).eval(), tok)
     return model, tok, f"random tiny Llama, 12 blocks, width 128 (organism unavailable: {reason.split(':')[0]})"
 
 
 def make_prompts(n: int, seed: int = 0) -> tuple[list[str], str]:
-    """The organism's held-out WMDP-style questions in the zero-shot template (PAPER.md §6) when the organism is
-    available, else synthetic prompts in the same template. Returns ``(prompts, source)``."""
+    """The organism's held-out WMDP-style questions in lm-evaluation-harness's zero-shot template when the organism
+    is available, else synthetic prompts in the same template. Returns ``(prompts, source)``."""
     try:
         from rmu_analysis.evaluation import mcq_prompt
         from rmu_analysis.organism import organism_mcq

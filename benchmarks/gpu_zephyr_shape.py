@@ -33,7 +33,8 @@ import torch
 
 from rmu_analysis.evaluation import evaluate_mcq, mcq_prompt
 from rmu_analysis.organism.tokenizer import train_tokenizer
-from rmu_analysis.unlearning import PRESETS, unlearn, unlearn_reference
+from rmu_analysis.recipes import PRESETS
+from rmu_analysis.unlearning import unlearn, unlearn_reference
 
 SYLLABLES = "ka lo mi nu pe ra si to vu xe za bo ci du fa gi ho ju ke le ma ne pi qu re sa ti ul ve wo".split()
 N_QUESTIONS = {"wmdp-bio": 1273, "wmdp-cyber": 1987, "mmlu": 14042}

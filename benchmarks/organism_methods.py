@@ -3,7 +3,7 @@
 Run: ``nice -n 19 python benchmarks/organism_methods.py`` (about 17 minutes on one shared CPU thread). Prints the
 tables (Markdown) and writes them to ``figures/organism_methods.md``. ``--only rmu adaptive-rmu`` runs a part.
 
-Setting (the issue's): the 12-block organism (fp32), unlearn layer l = 3 (a quarter of the depth; trained
+Setting: the 12-block organism (fp32), unlearn layer l = 3 (a quarter of the depth; trained
 tensors: the MLP down-projections of blocks 1–3 for every method), forget = the bio and cyber corpora of
 ``organism_corpora()`` (400 texts each), retain = its retain corpus, batch 4, seed 42, one pass over the
 forget corpora (200 steps = 100 batches per topic) unless a grid says fewer. Accuracy: the held-out question
@@ -11,7 +11,7 @@ sets (bio 112, cyber 96, general 144 questions), cloze scoring (``organism.SCORI
 chance in the lettered format). Per method, the setting with the lowest mean forget accuracy among those
 keeping general accuracy ≥ 90% of the base model's is chosen (ties: higher general accuracy).
 
-Deviations from the paper's Zephyr-7B recipe (PAPER.md §2, §5), and why:
+Deviations from the paper's Zephyr-7B recipe (arXiv 2408.06223, Table 1; docs/paper.md), and why:
 - lr 1e-2 / 3e-3 instead of 5e-5: Adam moves each weight by about lr per step, so the change of a block's
   output scales with the MLP width (384 here, 14,336 in Zephyr). At 5e-5 (and at 1e-3 with α = 1200) the
   organism's accuracies do not move at all in 200 steps.
@@ -35,14 +35,16 @@ import torch
 
 from rmu_analysis import steer
 from rmu_analysis.evaluation import evaluate_mcq
+from rmu_analysis.experiments import WMDP_TARGETS
 from rmu_analysis.organism import SCORING, load_organism, organism_corpora, organism_mcq
+from rmu_analysis.recipes import PRESETS
 from rmu_analysis.unlearning import AdaptiveRMUConfig, GAConfig, GradDiffConfig, NPOConfig, RMUConfig, unlearn
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYER = 3  # a quarter of the organism's 12 blocks; trained blocks 1-3
+LAYER = PRESETS["organism-rmu"].layer  # 3, a quarter of the organism's 12 blocks; trained blocks 1-3
 DOMAINS = ("bio", "cyber", "general")
-KEEP = 0.9  # general accuracy must stay >= KEEP x base
-TARGET_FORGET = 0.30  # the target for Adaptive RMU (each forget topic)
+KEEP = WMDP_TARGETS.min_general_ratio  # general accuracy must stay >= KEEP x base (0.9)
+TARGET_FORGET = WMDP_TARGETS.max_forget  # 0.30 for Adaptive RMU, each forget topic (docs/targets.md)
 
 #: The grids (one run each). Adaptive RMU keeps β = 5 and tunes (lr, α); RMU tunes c at Adaptive RMU's
 #: lr / α; the baselines tune lr and steps with their defaults otherwise (GradDiff / NPO: α = 1, NPO β = 0.1).

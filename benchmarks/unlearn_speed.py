@@ -17,7 +17,7 @@ fp32, one CPU thread (steadier numbers on a shared machine), both implementation
 - Sweep: 8 coefficients at l = 8 through ``unlearn_sweep`` (one shared ``PrefixCache``) vs one plain run of
   the same number of steps, both timed end to end.
 
-Targets (the issue): step time ratio plain/engine >= 4, peak memory engine/plain <= 0.6, sweep/plain <= 3.
+Targets: step time ratio plain/engine >= 4, peak memory engine/plain <= 0.6, sweep/plain <= 3.
 """
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ Shared by every measurement that runs prompts through a model. The rules, in one
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -19,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .models import model_device, resolve_tokenizer
+from .models import forward_params, model_device, resolve_tokenizer
 
 __all__ = [
     "Batch",
@@ -285,8 +284,7 @@ def iter_batches(
 def cache_kwarg(model: nn.Module) -> str:
     """Name of the forward argument that takes the KV cache (``cache`` in transformers ≥ 5, else
     ``past_key_values``)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in forward_params(model) else "past_key_values"
 
 
 def output_cache(output: Any) -> Any:

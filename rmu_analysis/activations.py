@@ -1,5 +1,5 @@
-"""The residual stream after decoder blocks, h^(l)(x) (arXiv 2408.06223, §2), from forward passes that stop after
-the deepest block needed, and the per-token statistics every other module reads from it.
+"""The residual stream after decoder blocks, h^(l)(x) (arXiv 2408.06223; docs/paper.md), from forward passes that
+stop after the deepest block needed, and the per-token statistics every other module reads from it.
 
 Block ``l`` is 0-indexed; its output is ``hidden_states[l + 1]`` of an HF forward pass, except that HF Llama
 applies the final norm to the last entry of ``hidden_states`` — :func:`capture` always returns the raw block
@@ -167,7 +167,7 @@ def capture(
     padding_side: str | None = None,
     max_length: int | None = None,
 ) -> Capture:
-    """Outputs of the requested decoder blocks (residual stream after each block, arXiv 2408.06223 §2) in ONE
+    """Outputs of the requested decoder blocks (residual stream after each block, docs/paper.md) in ONE
     forward pass that stops after the deepest requested block.
 
     ``inputs``: a list of strings (tokenised with ``tokenizer`` or the one saved beside the model), a

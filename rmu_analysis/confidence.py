@@ -1,5 +1,5 @@
-"""Token confidence (PAPER.md §4 C1, Fig. 2a–d): MaxLogit — the largest logit of each next/generated token —
-with the max softmax probability and the entropy (nats) of the same distribution.
+"""Token confidence (C1 in docs/paper.md; arXiv 2408.06223, Fig. 2a–d): MaxLogit — the largest logit of each
+next/generated token — with the max softmax probability and the entropy (nats) of the same distribution.
 
 Prompts are raw strings (no chat template). Batches are padded (left by default), position ids come from the
 attention mask and greedy decoding uses a KV cache, so every number equals a one-prompt-at-a-time run (up to
@@ -8,7 +8,6 @@ stop at EOS; tokens after the first generated EOS are marked in ``after_eos`` (t
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -16,9 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from ._batching import cache_kwarg, encode, output_cache, pad_sequences
-from .models import model_device, resolve_tokenizer
+from .models import forward_params, model_device, resolve_tokenizer
 
 __all__ = ["Confidence", "measure_confidence", "confidence_from_logits", "METRICS"]
 
@@ -108,10 +108,6 @@ class Confidence:
         })
 
 
-def _forward_kwargs(model: nn.Module) -> set[str]:
-    return set(inspect.signature(model.forward).parameters)
-
-
 def _decode_batch(model: nn.Module, seqs: list[list[int]], pad_id: int, padding_side: str, steps: int,
                   params: set[str]) -> dict[str, torch.Tensor]:
     """Greedy-decode ``steps`` tokens (≥ 1) for one padded batch; return per-step metrics ``[B, steps]``."""
@@ -147,7 +143,7 @@ def measure_confidence(
     max_length: int | None = None,
     progress: bool = False,
 ) -> Confidence:
-    """Token confidence (PAPER.md §4 C1, Fig. 2a–d) of each prompt's next token, or, with ``generate=k``, of each
+    """Token confidence (C1, Fig. 2a–d) of each prompt's next token, or, with ``generate=k``, of each
     of k greedily decoded tokens (the paper uses k = 30): MaxLogit, max softmax probability, entropy (nats).
 
     Prompts are sorted by length and decoded ``batch_size`` at a time with ``padding_side`` padding and a KV
@@ -173,11 +169,9 @@ def measure_confidence(
                      max_length=max_length, reserve=steps - 1, device="cpu")
     seqs = encoded.rows()
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    params = _forward_kwargs(model)
+    params = forward_params(model)
     chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     if progress:
-        from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
-
         chunks = tqdm(chunks, desc="confidence", unit="batch")
     results: dict[str, torch.Tensor] = {}
     with torch.no_grad():

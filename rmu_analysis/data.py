@@ -1,4 +1,5 @@
-"""Loading the real data sets from local files (PAPER.md §6): WMDP / MMLU questions and the forget / retain corpora.
+"""Loading the real data sets from local files (WMDP's release formats, docs/paper.md): WMDP / MMLU questions and
+the forget / retain corpora.
 
 Data formats stay apart from scoring (``evaluation.py`` does not know which benchmark it scores):
 
@@ -22,6 +23,8 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
+
+import pandas as pd
 
 from ._io import atomic_write_text
 
@@ -242,8 +245,6 @@ def _read_jsonl(path: Path, hint: str = "") -> Iterator[tuple[int, Any]]:
 
 
 def _read_parquet(path: Path):
-    import pandas as pd
-
     try:
         return pd.read_parquet(path)
     except ImportError as exc:
@@ -321,7 +322,7 @@ def _raw_mcq_records(path: Path, split: str | None) -> tuple[list, bool]:
 
 
 def load_mcq(path: str | os.PathLike, *, split: str | None = None, limit: int | None = None) -> list[dict]:
-    """Multiple-choice questions (WMDP / MMLU, PAPER.md §6) as normalised records.
+    """Multiple-choice questions (WMDP / MMLU) as normalised records.
 
     ``path``: a .json (list of records, or a dict holding one; ``split`` picks the key), .jsonl, .parquet or
     .csv file, or a directory (every such file directly inside, sorted by name). For other formats ``split``
@@ -438,7 +439,7 @@ def load_forget_corpus(
     format: str = "auto",
     keep_line_end: bool = False,
 ) -> list[str]:
-    """Forget-corpus texts (PAPER.md §6): ``bio-forget-corpus.jsonl`` or ``cyber-forget-corpus.jsonl``.
+    """Forget-corpus texts (WMDP's formats): ``bio-forget-corpus.jsonl`` or ``cyber-forget-corpus.jsonl``.
 
     ``format``: ``"jsonl"`` reads the ``"text"`` field of each JSON line (bio); ``"lines"`` takes each raw
     line as a text, even a line that happens to be valid JSON (cyber); ``"auto"`` reads the whole file and picks
@@ -461,7 +462,7 @@ def load_forget_corpus(
 
 
 def load_text_corpus(path: str | os.PathLike, *, min_chars: int = 0, limit: int | None = None) -> list[str]:
-    """Retain text (wikitext-style, PAPER.md §2/§6), one passage per item; empty passages are dropped.
+    """Retain text (wikitext-style, as the reference uses), one passage per item; empty passages are dropped.
 
     ``.jsonl``: the ``"text"`` field of each line; ``.json``: a list of strings or of ``{"text": ...}``;
     ``.parquet``: the ``"text"`` column (texts kept verbatim); anything else (``.txt``, ``.raw``...): one

@@ -1,4 +1,4 @@
-"""Zero-shot multiple-choice accuracy, scored like lm-evaluation-harness (PAPER.md §6, Table §7).
+"""Zero-shot multiple-choice accuracy, scored like lm-evaluation-harness (as the paper scores Table 1; docs/paper.md).
 
 A task is data + a template + a scoring rule; the scorer does not know which benchmark it scores.
 
@@ -19,21 +19,22 @@ over the context (the four next-token log-probabilities are read at its last pos
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
+from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from .data import LETTERS, normalize_mcq_record
-from .models import ensure_pad_token, model_device, resolve_tokenizer
+from .models import ensure_pad_token, forward_params, model_device, resolve_tokenizer
 from .stats import N_BOOT, Interval, PairedDifference, accuracy_interval, paired_difference
 
 __all__ = ["MCQResult", "evaluate_mcq", "mcq_prompt", "mcq_continuations", "format_subject", "question_records",
-           "subject_list", "tokenizer_adds_bos", "encode_choices", "WMDP_SUBJECTS"]
+           "subject_list", "tokenizer_adds_bos", "encode_choices", "record_clusters", "WMDP_SUBJECTS"]
 
 _HEADER = "The following are multiple choice questions (with answers)"
 #: lm-eval's subjects of the WMDP topics in the letter prompt (records with a ``"subject"`` field use their own).
@@ -42,7 +43,7 @@ WMDP_SUBJECTS = {"bio": "biology", "cyber": "cybersecurity", "chem": "chemistry"
 
 @dataclass(frozen=True)
 class MCQResult:
-    """Per-question scores of one multiple-choice evaluation (PAPER.md §6).
+    """Per-question scores of one multiple-choice evaluation (docs/paper.md, "Evaluation").
 
     ``logliks`` are the summed log-likelihoods of the four continuations, ``logliks_norm`` the same divided by
     the number of characters of each choice (lm-eval's ``acc_norm``). ``predictions``, ``probs`` (softmax over
@@ -97,8 +98,6 @@ class MCQResult:
 
     def to_frame(self):
         """One row per question: subject, answer, prediction, correct, prob_A..D, loglik_A..D, loglik_norm_A..D."""
-        import pandas as pd
-
         data: dict[str, Any] = {
             "subject": list(self.subjects),
             "answer": self.answers,
@@ -151,7 +150,7 @@ def format_subject(subject: str | None) -> str | None:
 
 
 def mcq_prompt(record: dict, subject: str | None = None, *, scoring: str = "letter") -> str:
-    """The zero-shot context of one question (lm-eval's WMDP/MMLU template for ``"letter"``, §6)."""
+    """The zero-shot context of one question (lm-eval's WMDP/MMLU template for ``"letter"``)."""
     question = str(record["question"]).strip()
     if scoring == "letter":
         choices = record["choices"]
@@ -213,13 +212,6 @@ def encode_choices(tokenizer, contexts: list[str], continuations: list[list[str]
 # ----------------------------------------------------------------------------------------------------------
 # batched log-likelihoods
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _forward_params(model: nn.Module) -> set[str]:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):  # pragma: no cover - exotic callables
-        return set()
 
 
 def _model_max_length(model: nn.Module) -> int | None:
@@ -308,8 +300,9 @@ def subject_list(subject: Any, n: int) -> list[str | None]:
     return subject
 
 
-def _clusters(recs: list[dict], cluster_key: str | Sequence[str] | None) -> tuple | None:
+def record_clusters(records: Sequence[dict], cluster_key: str | Sequence[str] | None = None) -> tuple | None:
     """One cluster id per record: ``record[key]``, or a tuple of fields; None: ``"fact_id"`` when every record has it."""
+    recs = list(records)
     if cluster_key is None:
         if all("fact_id" in r for r in recs):
             cluster_key = "fact_id"
@@ -346,7 +339,7 @@ def evaluate_mcq(
     progress: bool = False,
     cluster_key: str | Sequence[str] | None = None,
 ) -> MCQResult:
-    """Zero-shot multiple-choice accuracy as lm-evaluation-harness computes it (PAPER.md §6, §7).
+    """Zero-shot multiple-choice accuracy as lm-evaluation-harness computes it (the paper's Table 1 metric).
 
     ``records``: question records (``load_mcq``). ``subject``: the "about {subject}" of the letter prompt — a
     str, None (omitted), or one per record (e.g. ``[r["subject"] for r in records]`` for MMLU). ``scoring``:
@@ -367,7 +360,7 @@ def evaluate_mcq(
         raise ValueError(f"max_length must be None or an int of at least 2 tokens, got {max_length!r}")
     recs = question_records(records)
     subjects = subject_list(subject, len(recs))
-    clusters = _clusters(recs, cluster_key)
+    clusters = record_clusters(recs, cluster_key)
     tokenizer = resolve_tokenizer(model, tokenizer)
     ensure_pad_token(tokenizer)
     pad_id = tokenizer.pad_token_id
@@ -429,11 +422,9 @@ def evaluate_mcq(
     logliks = np.zeros((len(recs), 4), dtype=np.float64)
     n_tokens = np.zeros((len(recs), 4), dtype=np.int64)
     device = model_device(model)
-    params = _forward_params(model)
+    params = forward_params(model)
     batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
     if progress:
-        from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
-
         batches = tqdm(batches, desc=f"evaluate_mcq ({scoring})", unit="batch")
 
     was_training = model.training

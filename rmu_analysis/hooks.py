@@ -1,7 +1,7 @@
 """Hooks on decoder blocks: the one mechanism behind capture, steering, the theory checks and the unlearning engine.
 
 Block ``l`` is 0-indexed and found by name template (:func:`~rmu_analysis.models.decoder_blocks`); its output is
-the residual stream h^(l) after the block, ``hidden_states[l + 1]`` of an HF forward pass (arXiv 2408.06223, §2).
+the residual stream h^(l) after the block, ``hidden_states[l + 1]`` of an HF forward pass (docs/paper.md).
 Four operations, in the spirit of TransformerLens' hook points and steering-vectors' context managers; every hook
 is removed on exit and on exceptions:
 

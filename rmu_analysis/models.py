@@ -1,6 +1,6 @@
 """Loading causal LMs, finding their decoder blocks, and the model state a run may touch.
 
-Layer convention (arXiv 2408.06223, §2): block ``l`` is 0-indexed and its output is the residual stream after the
+Layer convention (docs/paper.md): block ``l`` is 0-indexed and its output is the residual stream after the
 block, i.e. ``hidden_states[l + 1]`` of an HF forward pass with ``output_hidden_states=True``.
 
 Named models (``load_model("organism")``) come from a registry (:func:`register_model`): a name maps to a loader,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import os
 import re
 import socket
@@ -38,7 +39,7 @@ BLOCK_TEMPLATES: tuple[str, ...] = (
     "layers",  # a bare decoder (e.g. LlamaModel without the LM head)
 )
 
-#: Default name pattern (regex) of the MLP down-projection, the tensors RMU trains (arXiv 2408.06223, §2).
+#: Default name pattern (regex) of the MLP down-projection, the tensors RMU trains (Eq. 1).
 DOWN_PROJ_PATTERNS: dict[str, str] = {
     "model.layers": r"mlp\.down_proj\.weight$",
     "model.language_model.layers": r"mlp\.down_proj\.weight$",
@@ -112,6 +113,14 @@ def check_layers(model: nn.Module, layers: Any) -> list[int]:
 def down_proj_pattern(model: nn.Module) -> str:
     """Regex (on parameter names relative to a block) of the MLP down-projection for this architecture."""
     return DOWN_PROJ_PATTERNS[block_path(model)]
+
+
+def forward_params(model: nn.Module) -> set[str]:
+    """The names of the arguments ``model.forward`` takes (empty when they cannot be read)."""
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - exotic callables
+        return set()
 
 
 def hidden_size(model: nn.Module) -> int:

@@ -1,7 +1,7 @@
 """Named recipes: every unlearning setting the project runs, in one registry that the CLI (``--preset``,
 ``reproduce``, ``sweep``), the notebooks and the benchmarks read.
 
-- The paper's recipe on Zephyr-7B (arXiv 2408.06223, §5 and Table 1: l = 7, trained blocks 5–7, c = 6.5, β = 5,
+- The paper's recipe on Zephyr-7B (arXiv 2408.06223, Table 1: l = 7, trained blocks 5–7, c = 6.5, β = 5,
   α = 1200, lr 5e-5, batch 4, 500 steps) is the defaults of the config dataclasses
   (:mod:`rmu_analysis.unlearning.config`); the ``zephyr-7b-*`` presets and :func:`model_plan` take it from there.
 - The organism is 12 blocks of width 128, so its recipes differ (lr 1e-2 and α = 100 instead of 5e-5 and 1200: at

@@ -144,7 +144,7 @@ def steer(
     generator: torch.Generator | None = None,
 ) -> Iterator[None]:
     """Context manager: block ``layer``'s output becomes ``coeff·vector + ε`` (``mode="replace"``) or gets it
-    added (``mode="add"``) at the chosen token positions — Assumption 1 (arXiv 2408.06223, §3) made true.
+    added (``mode="add"``) at the chosen token positions — Assumption 1 (arXiv 2408.06223) made true.
 
     ``vector`` is the full steering vector (pass ``c·u``, or ``u`` with ``coeff=c``). ``noise`` is the variance
     η of ε ~ N(0, ηI), drawn fresh for every steered token in every forward call from ``seed``/``generator``

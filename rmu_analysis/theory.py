@@ -1,4 +1,4 @@
-"""Quantities from the paper's theory (arXiv 2408.06223, §3–4), and numerical checks of its first-order arguments.
+"""Quantities from the paper's theory (arXiv 2408.06223: Proposition 1, Eq. 8–22), and numerical checks of its first-order arguments.
 
 - :func:`noise_sensitivity` — Φ(g^(l:k)) of Eq. 8–9 (Fig. 1), dataset version: how much a perturbation ξ of the
   block-l representation is amplified (Φ > 1) or damped (Φ < 1) by the sub-network g^(l:k) = blocks l+1 … k.
@@ -21,7 +21,6 @@ one-token sequence; ``chunk_size=`` bounds the memory).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -41,7 +40,8 @@ from .evaluation import (
     encode_choices, mcq_continuations, mcq_prompt, question_records, subject_list, tokenizer_adds_bos,
 )
 from .models import (
-    check_layer, decoder_blocks, frozen_parameters, hidden_size, model_device, num_blocks, resolve_tokenizer,
+    check_layer, decoder_blocks, forward_params, frozen_parameters, hidden_size, model_device, num_blocks,
+    resolve_tokenizer,
 )
 from .steering import check_noise, check_vector, make_generator, steer
 
@@ -237,7 +237,7 @@ def _logits_with_block(model: nn.Module, ids: torch.Tensor, layer: int, cols: li
         return h.index_copy(1, col_idx.to(h.device), values.to(h.device, h.dtype))
 
     kwargs: dict[str, Any] = {"use_cache": False}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if "logits_to_keep" in forward_params(model):
         kwargs["logits_to_keep"] = 1
     mask = torch.ones(B, T, dtype=torch.long, device=ids.device)
     with hooks.edit(model, layer, replace):
@@ -430,7 +430,7 @@ def proposition1(
     tokenizer: Any = None,
     jacobian: LogitJacobian | None = None,
 ) -> Proposition1:
-    """Proposition 1 (arXiv 2408.06223, §3): with block ``layer``'s output at ``positions`` set to z + ε, z = ``coeff``·u,
+    """Proposition 1 (arXiv 2408.06223): with block ``layer``'s output at ``positions`` set to z + ε, z = ``coeff``·u,
     ε ~ N(0, ηI) independent per token, are the next-token logits ≈ N(W g(z), η W J Jᵀ Wᵀ)?
 
     For each η in ``etas``: ``samples`` draws (antithetic pairs, standard normals from ``seed`` shared by every η)

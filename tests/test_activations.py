@@ -10,6 +10,7 @@ import torch
 import rmu_analysis
 from rmu_analysis.activations import Capture, capture, capture_batches, mean_token_norm, token_norms
 from rmu_analysis.models import decoder_blocks
+from rmu_analysis import testing
 
 PROMPTS = [
     "The city of Varon lies on the river Elm.",
@@ -123,11 +124,9 @@ def test_long_prompt_is_truncated_with_warning(tiny_llama):
 
 
 def test_tokenizer_without_pad_token_uses_eos(tiny_tokenizer):
-    from conftest import make_tiny_llama
-
     tok = copy.deepcopy(tiny_tokenizer)
     tok.pad_token = None
-    model = make_tiny_llama(len(tok))
+    model = testing.tiny_llama(len(tok))
     with pytest.warns(UserWarning, match="no pad token"):
         cap = capture(model, PROMPTS, layers=[0], tokenizer=tok)
     assert tok.pad_token == tok.eos_token

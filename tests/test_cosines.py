@@ -10,6 +10,7 @@ import torch
 from rmu_analysis import alignment, capture, random_direction, steer
 from rmu_analysis.cosines import DIRECTIONS, Alignment, cosine
 from rmu_analysis.models import decoder_blocks
+from rmu_analysis import testing
 
 
 PROMPTS = ["The city of Varon lies on the river Elm.", "Answer: B", "Question: which host does the pathogen infect?"]
@@ -67,11 +68,7 @@ def test_one_forward_pass_for_all_blocks(tiny_llama):
 
 @pytest.fixture()
 def wide_llama(tiny_tokenizer):
-    from conftest import make_tiny_llama
-
-    model = make_tiny_llama(len(tiny_tokenizer), n_layers=2, hidden=256, seed=1)
-    model._rmu_tokenizer = tiny_tokenizer
-    return model
+    return testing.tiny_llama(len(tiny_tokenizer), n_layers=2, hidden=256, seed=1, tokenizer=tiny_tokenizer)
 
 
 def test_gaussian_null_is_near_zero_and_uniform_null_is_not(wide_llama, tiny_tokenizer):
@@ -83,7 +80,7 @@ def test_gaussian_null_is_near_zero_and_uniform_null_is_not(wide_llama, tiny_tok
         g = res.cos(l, "gaussian_null", "token")
         assert abs(g.mean()) < 3 / math.sqrt(d)  # isotropic direction: cos ≈ 0 ± 1/sqrt(d)
         assert g.std() < 3 / math.sqrt(d)
-    # two independent uniform directions are far from orthogonal (≈ 0.75, PAPER.md §2)
+    # two independent uniform directions are far from orthogonal (≈ 0.75, docs/paper.md)
     assert abs(float(cosine(u, res.directions["uniform_null"])) - 0.75) < 0.06
 
 

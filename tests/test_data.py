@@ -1,4 +1,4 @@
-"""data.py: WMDP / MMLU question files and the forget / retain corpora (PAPER.md §6), in every format."""
+"""data.py: WMDP / MMLU question files and the forget / retain corpora (docs/paper.md), in every format."""
 from __future__ import annotations
 
 import json

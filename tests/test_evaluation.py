@@ -1,4 +1,4 @@
-"""evaluation.py: the lm-eval-style multiple-choice scorer (PAPER.md §6), checked against hand computations."""
+"""evaluation.py: the lm-eval-style multiple-choice scorer (docs/paper.md), checked against hand computations."""
 from __future__ import annotations
 
 import copy

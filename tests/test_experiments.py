@@ -316,6 +316,37 @@ def test_layer_targets_on_a_hand_made_frame():
     assert row["n_seeds"] == 2
 
 
+def test_targets_drive_the_checks_keys_and_text():
+    strict = E.Targets(max_forget=0.25, min_general_ratio=0.95)
+    t = E.layer_targets(layer_frame(), strict)["targets"]
+    assert set(t) == {"adaptive_fraction_of_layers_at_most_25pct", "rmu_spearman_rho_forget_vs_layer",
+                      "deepest_third_gap_rmu_minus_adaptive", "min_general_over_base"}
+    assert t[strict.adaptive_fraction_key]["value"] == 0 and not t[strict.adaptive_fraction_key]["held"]
+    assert not t[strict.general_key]["held"] and t[strict.general_key]["threshold"] == 0.95
+    assert E.TARGETS.adaptive_fraction_key == "adaptive_fraction_of_layers_at_most_35pct"
+    assert [E.TARGETS.text(n) for n in ("max_forget", "min_general_ratio", "min_gap", "max_noise_rho", "min_rho")] \
+        == ["35%", "85%", "20", "−0.5", "0.5"]
+
+
+def test_summary_claims_render_their_verdict_and_explain_only_on_the_organism():
+    from rmu_analysis.experiments.report import Claim, render
+
+    assert render(Claim("x = 1", True, "target x > 0")) == ["- x = 1 — **held** (target x > 0)."]
+    assert render(Claim("y", target="reported, no target")) == ["- y (reported, no target)."]
+    failed = render(Claim("z", False, explain="noise_sensitivity"))
+    assert failed[0] == "- z — **not held**." and failed[1].startswith("  - Why: the organism's")
+    assert render(Claim("z", False, explain="noise_sensitivity"), explain=False) == ["- z — **not held**."]
+    summary = {"theory": {"noise_sensitivity": {"spearman_rho_k_phi": 0.1, "layer": 3, "held": False}},
+               "layer_sweep": E.layer_targets(layer_frame(), E.Targets(min_general_ratio=0.95))}
+    plan = organism_plan(quick=True)
+    md = E.summary_markdown(summary, plan, {"total": 60.0}, quick=True)
+    assert "(target ρ ≤ −0.5)" in md and "Why: the organism's base-model Φ curve" in md
+    assert "Adaptive RMU at most 35% forget accuracy at ≥ 80% of layers: 83.3% of layers — **held**." in md
+    assert "- General accuracy ≥ 85% of base in every run: worst 90.0% of base" in md
+    other = E.summary_markdown(summary, dataclasses.replace(plan, model="/models/x"), {"total": 60.0}, quick=False)
+    assert "Why:" not in other and other.startswith("# Reproduction on the /models/x")
+
+
 def test_early_late_on_a_hand_made_frame():
     el = E.early_late(layer_frame(), split=4).set_index(["topic", "layers"])
     assert el.loc[("mean", "early"), "rmu"] == pytest.approx(0.25)

@@ -89,7 +89,7 @@ def test_load_model_finds_blocks(loaded):
     assert isinstance(blocks, nn.ModuleList) and len(blocks) == N_LAYERS == num_blocks(model)
     assert block_path(model) == path
     assert blocks is model.get_submodule(path)
-    # the RMU-trained tensor exists in every block (PAPER.md §2)
+    # the RMU-trained tensor exists in every block (Eq. 1)
     import re
 
     pat = re.compile(down_proj_pattern(model))

@@ -11,6 +11,7 @@ import torch
 from rmu_analysis.organism import (
     ASSETS, DOMAINS, SUBJECTS, build_report, load_organism, organism_corpora, organism_mcq,
 )
+from rmu_analysis.models import attached_tokenizer
 from rmu_analysis.organism import world as W
 from rmu_analysis.organism.build import BuildConfig, _Stream, block_norms, build_organism
 
@@ -124,7 +125,7 @@ def test_shipped_files_are_small_and_complete():
     model, tok = load_organism()
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.num_hidden_layers >= 12
-    assert model._rmu_tokenizer is tok and tok.pad_token is not None
+    assert attached_tokenizer(model) is tok and tok.pad_token is not None
     assert tok("x")["input_ids"][0] == tok.bos_token_id
 
 

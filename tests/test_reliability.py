@@ -176,7 +176,7 @@ def test_out_that_is_a_file_or_a_link_is_refused_before_any_work(tmp_path, monke
     link = tmp_path / "link"
     link.symlink_to(marked_dir(tmp_path / "real"))
     monkeypatch.setattr(unlearn_cli, "_read_data", _must_not_run)
-    monkeypatch.setattr(unlearn_cli, "_load", _must_not_run)
+    monkeypatch.setattr(unlearn_cli, "load_from_args", _must_not_run)
     before = tree(tmp_path)
     for out, message in ((file, "is a file, not a directory"), (link, "symbolic link"),
                          (file / "sub", "is a file: cannot create")):
@@ -260,7 +260,7 @@ def test_alpha_zero_is_allowed(cls):
                                    ["--method", "adaptive-rmu", "--beta", "0"], ["--forget-max-length", "-1"]])
 def test_cli_rejects_bad_numbers_before_loading_anything(tmp_path, monkeypatch, capsys, flags):
     monkeypatch.setattr(unlearn_cli, "_read_data", _must_not_run)
-    monkeypatch.setattr(unlearn_cli, "_load", _must_not_run)
+    monkeypatch.setattr(unlearn_cli, "load_from_args", _must_not_run)
     assert main(["unlearn", "--out", str(tmp_path / "o"), *flags]) == 2
     assert "must be" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -367,7 +367,7 @@ def test_evaluate_mcq_max_length(tiny_llama, tiny_tokenizer):
 
 @pytest.mark.parametrize("flag", [["--limit", "-1"], ["--limit", "0"], ["--batch-size", "0"], ["--generate", "-2"]])
 def test_evaluate_flags_are_checked_before_loading(monkeypatch, capsys, flag):
-    monkeypatch.setattr(unlearn_cli, "_load", _must_not_run)
+    monkeypatch.setattr(unlearn_cli, "load_from_args", _must_not_run)
     assert main(["evaluate", "--model", "organism", *flag]) == 2
     assert f"{flag[0]} must be at least" in capsys.readouterr().err
 
@@ -399,7 +399,7 @@ def test_os_errors_are_one_line_messages_naming_the_path(monkeypatch, capsys, ex
 
 def test_output_checked_before_training(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(unlearn_cli, "_read_data", _must_not_run)
-    monkeypatch.setattr(unlearn_cli, "_load", _must_not_run)
+    monkeypatch.setattr(unlearn_cli, "load_from_args", _must_not_run)
     (tmp_path / "taken").mkdir()
     assert main(["unlearn", "--out", str(tmp_path / "taken")]) == 2
     assert f"{tmp_path / 'taken'} already exists and was not written by rmu_analysis" in capsys.readouterr().err
@@ -407,7 +407,7 @@ def test_output_checked_before_training(tmp_path, monkeypatch, capsys):
     assert main(["unlearn", "--out", str(tmp_path / "new")]) == 2
     assert f"{tmp_path} is not writable" in capsys.readouterr().err
     monkeypatch.undo()
-    monkeypatch.setattr(unlearn_cli, "_load", _must_not_run)
+    monkeypatch.setattr(unlearn_cli, "load_from_args", _must_not_run)
     assert main(["evaluate", "--model", "organism", "--json", str(tmp_path)]) == 2  # a directory as --json
     assert f"{tmp_path} is a directory" in capsys.readouterr().err
 

@@ -40,7 +40,7 @@ def test_gaussian_direction_is_unit_and_signed():
 
 
 def test_uniform_directions_are_far_from_orthogonal():
-    # E[x·y] / E|x|² = (1/4) / (1/3) = 0.75 (PAPER.md: ≈ 0.74); with all-ones: (1/2)/sqrt(1/3) ≈ 0.866
+    # E[x·y] / E|x|² = (1/4) / (1/3) = 0.75 (docs/paper.md: ≈ 0.75); with all-ones: (1/2)/sqrt(1/3) ≈ 0.866
     d = 4096
     u1, u2 = random_direction(d, seed=1), random_direction(d, seed=2)
     assert abs(float(u1 @ u2) - 0.75) < 0.02

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rmu_analysis import capture, noise_sensitivity, steer
-from rmu_analysis.models import decoder_blocks
+from rmu_analysis.models import attach_tokenizer, decoder_blocks
 from rmu_analysis.theory import NoiseSensitivity, mean_representation
 
 
@@ -86,7 +86,7 @@ def test_works_on_gpt2(tiny_tokenizer):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=64, n_embd=32, n_layer=3,
                                        n_head=4, bos_token_id=0)).eval()
-    model._rmu_tokenizer = tiny_tokenizer
+    attach_tokenizer(model, tiny_tokenizer)
     xi = 0.1 * torch.randn(1, 32, generator=torch.Generator().manual_seed(0))
     res = noise_sensitivity(model, PROMPTS, 0, xi)
     h_hat, _ = mean_representation(model, PROMPTS, 0)

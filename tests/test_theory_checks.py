@@ -15,7 +15,7 @@ from torch import nn  # noqa: E402
 
 from rmu_analysis import measure_confidence, noise_sensitivity, plots, random_direction, steer  # noqa: E402
 from rmu_analysis.evaluation import evaluate_mcq  # noqa: E402
-from rmu_analysis.models import decoder_blocks  # noqa: E402
+from rmu_analysis.models import attached_tokenizer, decoder_blocks  # noqa: E402
 from rmu_analysis.theory import (  # noqa: E402
     Convergence, InputGradients, OptimalCoefficient, Proposition1, _logits_with_block, confidence_vs_coeff,
     forget_convergence, input_gradient_norms, logit_jacobian, loglog_slope, mean_representation,
@@ -66,7 +66,7 @@ def test_logit_jacobian_matches_steering_and_finite_differences(tiny_llama):
     u = random_direction(D, seed=0)
     z = 2.0 * u
     jac = logit_jacobian(tiny_llama, PROMPT, 1, z)
-    ids = tiny_llama._rmu_tokenizer([PROMPT], return_tensors="pt")["input_ids"]
+    ids = attached_tokenizer(tiny_llama)([PROMPT], return_tensors="pt")["input_ids"]
     T = ids.shape[1]
     assert jac.positions == tuple(range(T)) and jac.jacobian.shape == (tiny_llama.config.vocab_size, T, D)
     # W g(z) is what the model outputs when steer() makes every block-1 output z

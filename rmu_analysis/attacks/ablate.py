@@ -19,9 +19,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .. import capture
+from .. import hooks
+from ..activations import capture
 from ..evaluation import evaluate_mcq
-from ..models import check_layer, decoder_blocks, resolve_tokenizer
+from ..models import check_layer, hidden_size, resolve_tokenizer
 from ..stats import paired_difference
 from .common import (
     AttackRow, check_choice, check_positive_int, check_records, difference_row, interval_row, rows_frame,
@@ -32,28 +33,16 @@ __all__ = ["AblateConfig", "AblateResult", "ablate_direction", "unlearning_direc
 MODES = ("project", "subtract")
 
 
-def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _replace_hidden(output: Any, hidden: torch.Tensor) -> Any:
-    if isinstance(output, tuple):
-        return (hidden,) + tuple(output[1:])
-    if isinstance(output, list):
-        return [hidden] + list(output[1:])
-    return hidden
-
-
 @contextlib.contextmanager
 def ablate_direction(model: nn.Module, layer: int, direction: Any, *, mode: str = "project") -> Iterator[None]:
     """Context manager: block ``layer``'s output h becomes ``h − (h·d̂)d̂`` (``mode="project"``) or ``h − d``
-    (``"subtract"``) at every token, in every forward pass inside the block. The hook is removed on exit and on
-    exceptions. Runs after hooks registered earlier on the block (e.g. :func:`~rmu_analysis.steer`)."""
+    (``"subtract"``) at every token, in every forward pass inside the block (:func:`rmu_analysis.hooks.edit`: every
+    recorder of the block sees the ablated output; inside a :func:`~rmu_analysis.steer` it applies after the
+    steering). Removed on exit and on exceptions."""
     check_choice(mode, "mode", MODES)
     idx = check_layer(model, layer)
-    block = decoder_blocks(model)[idx]
     d = torch.as_tensor(direction).detach().float().reshape(-1)
-    width = int(model.get_input_embeddings().weight.shape[-1])
+    width = hidden_size(model)
     if d.numel() != width:
         raise ValueError(f"direction has {d.numel()} entries but the model's hidden size is {width}")
     if not torch.isfinite(d).all():
@@ -63,21 +52,17 @@ def ablate_direction(model: nn.Module, layer: int, direction: Any, *, mode: str 
         raise ValueError("direction is the zero vector: there is nothing to project out")
     unit = d / norm if norm > 0 else d
 
-    def hook(module, args, output):
-        h = _hidden(output)
+    def ablated(h: torch.Tensor) -> torch.Tensor:
         hf = h.float()
         if mode == "project":
             u = unit.to(h.device)
             new = hf - (hf @ u)[..., None] * u
         else:
             new = hf - d.to(h.device)
-        return _replace_hidden(output, new.to(h.dtype))
+        return new.to(h.dtype)
 
-    handle = block.register_forward_hook(hook)
-    try:
+    with hooks.edit(model, idx, ablated):
         yield None
-    finally:
-        handle.remove()
 
 
 def unlearning_direction(base: nn.Module, unlearned: nn.Module, tokenizer: Any, texts: Sequence[str], layer: int, *,

@@ -83,15 +83,15 @@ def add_attack_parser(subparsers) -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------ data
 def _is_organism(name: str | None) -> bool:
-    from ..unlearning.cli import _is_organism_derived
+    from ..unlearning.cli import is_organism_derived
 
-    return name == "organism" or (name is not None and _is_organism_derived(name))
+    return name == "organism" or (name is not None and is_organism_derived(name))
 
 
 def _questions(args) -> tuple[list[dict], list[str | None]]:
     """Forget questions and one subject per question."""
     from ..data import load_mcq
-    from ..unlearning.cli import SUBJECTS
+    from ..evaluation import WMDP_SUBJECTS as SUBJECTS
 
     if args.questions:
         recs, subj = [], []
@@ -150,7 +150,7 @@ def _without_facts(texts: list[str], records: list[dict], key: str) -> list[str]
 
 
 def _load(args, name: str):
-    from ..unlearning.cli import _load as load
+    from ..unlearning.cli import load_from_args as load
 
     return load(argparse.Namespace(model=name, dtype=args.dtype, device=args.device, device_map=args.device_map))
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..data import normalize_mcq_record
-from ..evaluation import _clusters
+from ..evaluation import record_clusters
 from ..stats import Interval, PairedDifference, accuracy_interval, paired_difference
 
 __all__ = ["AttackRow", "attack_table", "rows_frame", "split_records", "check_records", "record_clusters",
@@ -87,11 +87,6 @@ def check_records(records: Any, what: str = "records") -> list[dict]:
     if not recs:
         raise ValueError(f"{what} is empty: pass at least one question record (e.g. load_mcq(path))")
     return [normalize_mcq_record(r, source=what, index=i) for i, r in enumerate(recs)]
-
-
-def record_clusters(records: Sequence[dict], cluster_key: str | Sequence[str] | None = None) -> tuple | None:
-    """One fact id per record for cluster intervals (as :func:`~rmu_analysis.evaluate_mcq`'s ``cluster_key``)."""
-    return _clusters(list(records), cluster_key)
 
 
 def split_records(records: Sequence[dict], *, key: str | None = "entity", dev_fraction: float = 0.5, seed: int = 0

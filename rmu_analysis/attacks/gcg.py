@@ -40,8 +40,8 @@ from torch import nn
 
 from .._batching import cache_kwarg, output_cache
 from ..data import LETTERS
-from ..evaluation import _forward_params, evaluate_mcq, mcq_prompt, subject_list, tokenizer_adds_bos
-from ..models import ensure_pad_token, model_device, resolve_tokenizer
+from ..evaluation import evaluate_mcq, mcq_prompt, subject_list, tokenizer_adds_bos
+from ..models import ensure_pad_token, forward_params, model_device, resolve_tokenizer
 from .common import (
     AttackRow, accuracy_ci, check_choice, check_positive_int, check_records, difference_row, interval_row,
     paired_ci, record_clusters, rows_frame,
@@ -258,7 +258,7 @@ def prefix_cache(model: nn.Module, prompts: AdversarialPrompts) -> Any:
     with torch.no_grad():
         out = model(input_ids=prompts.prefix_ids.to(device), attention_mask=prompts.prefix_mask.to(device),
                     position_ids=(prompts.prefix_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True,
-                    **({"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}))
+                    **({"logits_to_keep": 1} if "logits_to_keep" in forward_params(model) else {}))
     cache = output_cache(out)
     if cache is None or not hasattr(cache, "reorder_cache"):
         raise ValueError(f"{type(model).__name__} returned no reorderable KV cache: pass use_cache=False")
@@ -278,7 +278,7 @@ def _last_logits(model: nn.Module, prompts: AdversarialPrompts, rows: torch.Tens
     through ``cache`` (the prefix's keys and values) or, when None, over the whole prompt."""
     device = model_device(model)
     kw: dict[str, Any] = {}
-    if "logits_to_keep" in _forward_params(model):
+    if "logits_to_keep" in forward_params(model):
         kw["logits_to_keep"] = 1  # the LM head runs on one position only
     if cache is not None:
         mask, pos = prompts.masks(rows)
@@ -327,7 +327,7 @@ def text_letter_logprobs(model: nn.Module, tokenizer, texts: Sequence[str], lett
     bos = [tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []
     seqs = [bos + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     out = []
-    kw = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
+    kw = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(model) else {}
     with torch.no_grad():
         for s in range(0, len(seqs), batch_size):
             ids, mask, _ = _left_pad(seqs[s: s + batch_size], tokenizer.pad_token_id)

@@ -27,13 +27,17 @@ from .analysis import (
     early_late_split, isotonic_decreasing, layer_table, layer_targets, point_label, spearman, summarize,
     table1_frame, table1_select,
 )
-from .measure import accuracies, forget_norms, lm_loss, measure_outputs, measure_representations, question_prompts
+from .measure import (
+    accuracies, accuracy_table, alignment_table, confidence_table, each_installed, forget_norms, lm_loss,
+    measure_outputs, measure_representations, question_prompts,
+)
 from .plans import (
-    ExperimentPlan, coefficient_grid, grid_points, layer_sweep_grid, plan_grids, plan_norms, table1_grid, valid_layers,
+    ExperimentPlan, coefficient_grid, grid_points, layer_sweep_grid, plan_grids, plan_norms, saved_norms, table1_grid,
+    valid_layers,
 )
 from .report import frame_markdown, summary_markdown, table1_markdown, table1_text
 from .results import finished_runs, flatten_result, load_results, result_topics
-from .runner import SweepOutcome, is_finished, parse_shard, run_one, run_sweep, shard_specs
+from .runner import SweepOutcome, is_finished, parse_shard, rerun_check, run_one, run_sweep, shard_specs
 from .specs import COEFF_FIELDS, RESULT_VERSION, STEERING, EvalSettings, RunSpec
 from .targets import TARGETS, WMDP_TARGETS, Targets
 from .workbench import (
@@ -44,10 +48,11 @@ __all__ = [
     "RESULT_VERSION", "STEERING", "COEFF_FIELDS", "EvalSettings", "RunSpec",
     "ExperimentData", "organism_data", "data_from_files", "cycle_texts", "Workbench", "LazyWorkbench",
     "training_texts", "lm_loss", "question_prompts", "accuracies", "measure_outputs", "measure_representations",
-    "forget_norms", "run_one", "run_sweep", "SweepOutcome", "parse_shard", "shard_specs", "is_finished",
+    "forget_norms", "each_installed", "accuracy_table", "confidence_table", "alignment_table", "run_one", "run_sweep",
+    "SweepOutcome", "parse_shard", "shard_specs", "is_finished", "rerun_check",
     "flatten_result", "load_results", "result_topics", "finished_runs",
     "valid_layers", "layer_sweep_grid", "coefficient_grid", "table1_grid", "grid_points", "ExperimentPlan",
-    "plan_grids", "plan_norms", "Targets", "TARGETS", "WMDP_TARGETS",
+    "plan_grids", "plan_norms", "saved_norms", "Targets", "TARGETS", "WMDP_TARGETS",
     "spearman", "isotonic_decreasing", "layer_table", "layer_targets", "early_late", "early_late_split",
     "collapse_points", "collapse_summary", "coefficient_sweep", "convergence_check", "point_label", "METHOD_NAMES",
     "table1_select", "table1_frame", "summarize", "table1_markdown", "table1_text", "frame_markdown",

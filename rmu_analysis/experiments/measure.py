@@ -3,24 +3,27 @@ questions (the outputs: Fig. 2a–d, Fig. 3, Table 1), and at block l cos(u, h) 
 forget norm ‖h^(l)‖ (the representations: Fig. 2e–h, Fig. 4)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+import contextlib
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from .._batching import iter_batches
 from ..activations import token_norms
-from ..confidence import measure_confidence
+from ..confidence import Confidence, measure_confidence
 from ..cosines import alignment
 from ..evaluation import evaluate_mcq, mcq_prompt
+from ..unlearning import UnlearnResult
 from .specs import EvalSettings
 
 if TYPE_CHECKING:  # annotations only: the workbench module imports this one
     from .workbench import ExperimentData, Workbench
 
 __all__ = ["lm_loss", "question_prompts", "accuracies", "measure_outputs", "measure_representations",
-           "forget_norms"]
+           "forget_norms", "each_installed", "accuracy_table", "confidence_table", "alignment_table"]
 
 
 def lm_loss(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 32,
@@ -110,3 +113,56 @@ def forget_norms(bench: "Workbench", layers: Iterable[int], settings: EvalSettin
                             batch_size=settings.batch_size)
         per_topic.append([float(norms[l].mean()) for l in layers])
     return {l: float(np.mean([p[i] for p in per_topic])) for i, l in enumerate(layers)}
+
+
+# ------------------------------------------------------------------------ base model vs unlearned models
+def each_installed(model: nn.Module, results: Mapping[str, UnlearnResult], measure: Callable[[nn.Module], Any]
+                   ) -> dict[str, Any]:
+    """``measure(model)`` for the base model (key ``"base"``) and for it with each result's trained tensors
+    installed in turn (``UnlearnResult.installed``: one model in memory serves them all, restored after each)."""
+    out = {"base": measure(model)}
+    for name, result in results.items():
+        with result.installed(model):
+            out[name] = measure(model)
+    return out
+
+
+def accuracy_table(model: nn.Module, tokenizer: Any, data: "ExperimentData", results: Mapping[str, UnlearnResult],
+                   *, scoring: str, batch_size: int = 64) -> pd.DataFrame:
+    """Accuracy on every question set (columns) of the base model and of each unlearned model (rows), and the
+    general accuracy relative to the base model's (``"general / base"``)."""
+    acc = each_installed(model, results, lambda m: accuracies(m, tokenizer, data, scoring=scoring,
+                                                              batch_size=batch_size))
+    table = pd.DataFrame(acc).T
+    table["general / base"] = table["general"] / table.loc["base", "general"]
+    return table
+
+
+def confidence_table(model: nn.Module, tokenizer: Any, prompts: Sequence[str], results: Mapping[str, UnlearnResult],
+                     *, generate: int = 30) -> tuple[pd.DataFrame, dict[str, Confidence]]:
+    """MaxLogit of ``generate`` greedy tokens on ``prompts`` (C1, Fig. 2a–d), base and each unlearned model: mean
+    and std per model (the table), and each model's :class:`~rmu_analysis.confidence.Confidence`."""
+    conf = each_installed(model, results, lambda m: measure_confidence(m, prompts, tokenizer, generate=generate))
+    table = pd.DataFrame({name: c.summary().loc["max_logit", ["mean", "std"]] for name, c in conf.items()}).T
+    return table.astype(float), conf
+
+
+def alignment_table(model: nn.Module, tokenizer: Any, data: "ExperimentData", results: Mapping[str, UnlearnResult],
+                    layer: int, *, scoring: str, base_u: str) -> tuple[pd.DataFrame, dict[tuple[str, str], Any]]:
+    """cos(h^(l), u) of the token-mean representation of each question set's prompts (Fig. 2e–h; BOS excluded)
+    beside the uniform and Gaussian null directions, and ‖h^(l)‖, for the base model (probed with the u of result
+    ``base_u``) and each unlearned model (its own u; sets that are not forget topics use the first topic's u).
+    Returns the table (one row per model and set) and each :class:`~rmu_analysis.cosines.Alignment`."""
+    rows, found = [], {}
+    for name, result in [("base", results[base_u]), *results.items()]:
+        with result.installed(model) if name != "base" else contextlib.nullcontext(model):
+            for domain in data.mcq:
+                u = result.control_vectors[domain if domain in data.topics else data.topics[0]]
+                a = alignment(model, question_prompts(data, domain, scoring=scoring), u, layers=[layer],
+                              tokenizer=tokenizer, exclude_bos=True)
+                found[name, domain] = a
+                s = a.summary("prompt").iloc[0]
+                rows.append({"model": name, "prompts": domain, "cos u": s["cos_u_mean"],
+                             "cos u′ (uniform null)": s["cos_uniform_null_mean"],
+                             "cos g (Gaussian null)": s["cos_gaussian_null_mean"], "norm": s["norm_mean"]})
+    return pd.DataFrame(rows), found

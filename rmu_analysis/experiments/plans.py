@@ -14,7 +14,7 @@ from .specs import EvalSettings, RunSpec
 from .workbench import Workbench
 
 __all__ = ["valid_layers", "layer_sweep_grid", "coefficient_grid", "table1_grid", "grid_points", "ExperimentPlan",
-           "plan_grids", "plan_norms"]
+           "plan_grids", "plan_norms", "saved_norms"]
 
 
 def valid_layers(n_blocks: int) -> list[int]:
@@ -118,6 +118,11 @@ def plan_grids(plan: ExperimentPlan, norms: Mapping[int, float] | None = None) -
     }
 
 
+def saved_norms(results: str | Path) -> dict[int, float]:
+    """The frozen forget norms stored in ``results/norms.json`` by :func:`plan_norms` (a reproduction's results)."""
+    return {int(k): float(v) for k, v in json.loads((Path(results) / "norms.json").read_text())["norms"].items()}
+
+
 def plan_norms(plan: ExperimentPlan, bench: Callable[[], Workbench], results: Path) -> dict[int, float]:
     """The frozen forget norms the coefficient grid needs, cached in ``results/norms.json`` (shards agree)."""
     path = Path(results) / "norms.json"
@@ -125,7 +130,7 @@ def plan_norms(plan: ExperimentPlan, bench: Callable[[], Workbench], results: Pa
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("model") == plan.model and cached.get("data") == plan.data and want <= set(cached["norms"]):
-            return {int(k): float(v) for k, v in cached["norms"].items()}
+            return saved_norms(results)
     norms = forget_norms(bench(), plan.coeff_layers, plan.eval)
     atomic_write_json(path, {"model": plan.model, "data": plan.data, "norms": {str(k): v for k, v in norms.items()}})
     return norms

@@ -17,8 +17,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
+import pandas as pd
 import torch
 import transformers
 from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
@@ -28,10 +29,11 @@ from ..models import hidden_size, model_device
 from ..unlearning import NonFiniteLossError, UnlearnResult, unlearn
 from ..unlearning.common import draw_control_vectors
 from .measure import measure_outputs, measure_representations
+from .results import flatten_result
 from .specs import RESULT_VERSION, STEERING, RunSpec
 from .workbench import Workbench, training_texts
 
-__all__ = ["run_one", "run_sweep", "SweepOutcome", "parse_shard", "shard_specs", "is_finished"]
+__all__ = ["run_one", "run_sweep", "SweepOutcome", "parse_shard", "shard_specs", "is_finished", "rerun_check"]
 
 
 def probe_vectors(bench: Workbench, result: UnlearnResult, spec: RunSpec) -> dict[str, torch.Tensor]:
@@ -223,3 +225,19 @@ def _run_parallel(todo: list[tuple[RunSpec, Path]], bench: Any, workers: int, th
         futures = [pool.submit(_worker_run, g) for g in groups]
         for f in as_completed(futures):
             bar.update(f.result())
+
+
+def rerun_check(specs: Iterable[RunSpec], committed: pd.DataFrame, bench: Workbench,
+                columns: Sequence[str] = ("acc_bio", "acc_cyber", "general_acc", "retain_loss")) -> pd.DataFrame:
+    """Train and evaluate ``specs`` again and set each fresh number beside the committed one (``committed``: the
+    :func:`~.results.load_results` frame holding them): one row per (run, column) with ``committed``, ``fresh``
+    and ``diff``. A code change that silently moves results shows here."""
+    saved = committed.set_index("key")
+    rows = []
+    for spec in specs:
+        fresh = flatten_result(run_one(spec, bench))
+        old = saved.loc[spec.key()]
+        for col in columns:
+            rows.append({"run": spec.label(), "measure": col, "committed": old[col], "fresh": fresh[col],
+                         "diff": fresh[col] - old[col]})
+    return pd.DataFrame(rows)

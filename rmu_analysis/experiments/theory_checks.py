@@ -1,4 +1,4 @@
-"""The theory checks of a reproduction (arXiv 2408.06223, §3–4), through :mod:`rmu_analysis.theory` on a workbench's
+"""The theory checks of a reproduction (arXiv 2408.06223: Fig. 1, Proposition 1, Eq. 19, Eq. 20–22), through :mod:`rmu_analysis.theory` on a workbench's
 model: noise sensitivity falls with depth (C4, Fig. 1), Proposition 1, Eq. 19's optimal coefficient, and the
 input-gradient argument against GCG (Eq. 20–22)."""
 from __future__ import annotations

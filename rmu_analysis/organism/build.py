@@ -188,13 +188,14 @@ def block_norms(model, tokenizer, texts: list[str], batch_size: int = 32) -> lis
     return [round(float(norms[l].mean()), 4) for l in sorted(norms)]
 
 
-def evaluate_organism(model, tokenizer, world: W.World) -> dict:
-    """Letter and cloze accuracy on the held-out question sets (lm-eval-harness style scoring)."""
+def evaluate_organism(model, tokenizer, mcq: dict[str, list[dict]]) -> dict:
+    """Letter and cloze accuracy (to 4 decimals) on the held-out question sets ``mcq`` (domain -> records, e.g.
+    ``world.mcq`` or ``organism_mcq()``), scored as lm-evaluation-harness does."""
     acc: dict[str, dict[str, float]] = {}
     for domain in W.DOMAINS:
         acc[domain] = {}
         for scoring in ("letter", "cloze"):
-            res = evaluate_mcq(model, tokenizer, world.mcq[domain], subject=W.SUBJECTS[domain], scoring=scoring,
+            res = evaluate_mcq(model, tokenizer, mcq[domain], subject=W.SUBJECTS[domain], scoring=scoring,
                                batch_size=32)
             acc[domain][scoring] = round(float(res.accuracy), 4)
     return acc
@@ -215,7 +216,7 @@ def build_organism(out_dir: str | Path | None = None, config: BuildConfig | None
     tokenizer = train_tokenizer(tok_texts, vocab_size=cfg.vocab_size)
     model, losses = train_model(cfg, world, tokenizer, progress=progress)
     train_seconds = time.perf_counter() - t0
-    accuracy = evaluate_organism(model, tokenizer, world)
+    accuracy = evaluate_organism(model, tokenizer, world.mcq)
     norm_sample = world.retain_corpus[:64]
     report = {
         "config": dataclasses.asdict(cfg),

@@ -8,15 +8,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .._io import check_output_dir, check_output_file
+import torch
+
+from .._io import atomic_write_json, check_output_dir, check_output_file
+from ..confidence import measure_confidence
+from ..data import load_forget_corpus, load_mcq, load_text_corpus
 from ..evaluation import WMDP_SUBJECTS
+from ..experiments.measure import accuracies, question_prompts
+from ..experiments.workbench import ExperimentData
+from ..models import load_model
+from ..organism import SCORING, organism_corpora, organism_mcq
+from ..organism import SUBJECTS as ORGANISM_SUBJECTS
 from ..recipes import PRESETS
+from . import save_unlearned, unlearn
 from .config import CONFIG_CLASSES
 
 METHODS = tuple(CONFIG_CLASSES)
-#: Subject names of the WMDP topics in the lm-eval prompt (records with a "subject" field use their own; the
-#: organism's question sets use ``rmu_analysis.organism.SUBJECTS``).
-SUBJECTS = WMDP_SUBJECTS
 
 
 def add_unlearn_parser(subparsers) -> argparse.ArgumentParser:
@@ -63,7 +70,7 @@ def add_unlearn_parser(subparsers) -> argparse.ArgumentParser:
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "evaluate", help="forget-topic and general multiple-choice accuracy and token confidence (MaxLogit)",
-        description="Zero-shot MCQ accuracy per topic (PAPER.md §6) and MaxLogit token confidence (§4 C1).",
+        description="Zero-shot MCQ accuracy per topic (as lm-evaluation-harness) and MaxLogit token confidence (C1, Fig. 2a–d).",
     )
     p.add_argument("--model", default="organism", help='"organism" or a local HF model directory')
     p.add_argument("--data", nargs="+", metavar="TOPIC=FILE", help="question files (default: the organism's sets)")
@@ -81,11 +88,8 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _load(args) -> tuple[Any, Any]:
-    import torch
-
-    from ..models import load_model
-
+def load_from_args(args) -> tuple[Any, Any]:
+    """The model and tokenizer that ``--model``, ``--dtype``, ``--device`` and ``--device-map`` describe."""
     cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available")
@@ -141,8 +145,6 @@ def build_config(args):
 
 
 def _read_data(args):
-    from ..data import load_forget_corpus, load_text_corpus
-
     if args.forget_files:
         topics = args.forget_topics or [f.stem.replace("-forget-corpus", "") for f in args.forget_files]
         if len(topics) != len(args.forget_files):
@@ -152,8 +154,6 @@ def _read_data(args):
         if not args.retain_file:
             raise ValueError("--forget-files needs --retain-file")
     elif args.model == "organism":
-        from ..organism import organism_corpora
-
         corpora = organism_corpora()
         forget = corpora["forget"]
         if args.forget_topics:
@@ -174,12 +174,10 @@ def _read_data(args):
 
 
 def run_unlearn(args) -> int:
-    from . import save_unlearned, unlearn
-
     config = build_config(args)  # every number checked here, before data, model or training
     check_output_dir(args.out, overwrite=args.overwrite)  # and the output: not after 500 steps
     forget, retain = _read_data(args)
-    model, tok = _load(args)
+    model, tok = load_from_args(args)
     result = unlearn(model, tok, forget, retain, config, inplace=False, progress=not args.no_progress)
     path = save_unlearned(result, args.out, model, tok, overwrite=args.overwrite, extra={"base_model": args.model})
     print(f"{config.method}: {result.steps} steps on topics {', '.join(result.topics)}")
@@ -193,9 +191,6 @@ def run_unlearn(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    from ..confidence import measure_confidence
-    from ..evaluation import evaluate_mcq, mcq_prompt
-
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1 (questions per topic), got {args.limit}")
     if args.batch_size < 1:
@@ -204,53 +199,44 @@ def run_evaluate(args) -> int:
         raise ValueError(f"--generate must be at least 0, got {args.generate}")
     if args.json is not None:
         check_output_file(args.json)
-    subjects = dict(SUBJECTS)
+    subjects = dict(WMDP_SUBJECTS)  # records with a "subject" field use their own
     if args.data:
-        from ..data import load_mcq
-
         sets = {}
         for item in args.data:
             if "=" not in item:
                 raise ValueError(f"--data takes TOPIC=FILE, got {item!r}")
             topic, file = item.split("=", 1)
             sets[topic] = load_mcq(file, limit=args.limit)
-    elif args.model == "organism" or _is_organism_derived(args.model):
-        from ..organism import organism_mcq
-
-        from ..organism import SUBJECTS as organism_subjects
-
-        from ..organism import SCORING
-
+    elif args.model == "organism" or is_organism_derived(args.model):
         sets = {t: (r if args.limit is None else r[: args.limit]) for t, r in organism_mcq().items()}
-        subjects.update(organism_subjects)
+        subjects.update(ORGANISM_SUBJECTS)
         if args.scoring is None:
             args.scoring = SCORING
     else:
         raise ValueError("give --data TOPIC=FILE ... (only organism models have default question sets)")
     if args.scoring is None:
         args.scoring = "letter"
-    model, tok = _load(args)
+    model, tok = load_from_args(args)
+    data = ExperimentData(name="evaluate", forget={}, retain=[], mcq=sets,
+                          subjects={t: subjects.get(t, t) for t in sets})
+    accuracy = accuracies(model, tok, data, scoring=args.scoring, batch_size=args.batch_size)
     rows = {}
     for topic, records in sets.items():
-        subject = [r.get("subject") or subjects.get(topic, topic) for r in records]
-        mcq = evaluate_mcq(model, tok, records, subject, scoring=args.scoring, batch_size=args.batch_size)
-        prompts = [mcq_prompt(r, s, scoring=args.scoring) for r, s in zip(records, subject)]
+        prompts = question_prompts(data, topic, scoring=args.scoring)
         conf = measure_confidence(model, prompts, tok, generate=args.generate, batch_size=args.batch_size)
         v = conf.values("max_logit")
-        rows[topic] = {"n": mcq.n, "accuracy": mcq.accuracy, "max_logit_mean": float(v.mean()),
+        rows[topic] = {"n": len(records), "accuracy": accuracy[topic], "max_logit_mean": float(v.mean()),
                        "max_logit_median": float(sorted(v)[len(v) // 2]), "max_logit_std": float(v.std())}
     print(f"{'topic':<12} {'n':>5} {'accuracy':>9} {'MaxLogit mean':>14} {'median':>8} {'std':>7}")
     for topic, r in rows.items():
         print(f"{topic:<12} {r['n']:>5} {r['accuracy']:>9.3f} {r['max_logit_mean']:>14.3f} "
               f"{r['max_logit_median']:>8.3f} {r['max_logit_std']:>7.3f}")
     if args.json is not None:
-        from .._io import atomic_write_json
-
         atomic_write_json(args.json, {"model": args.model, "scoring": args.scoring, "topics": rows})
     return 0
 
 
-def _is_organism_derived(path: str) -> bool:
+def is_organism_derived(path: str) -> bool:
     """A directory saved by ``save_unlearned`` from the organism (its rmu_config.json says so)."""
     cfg = Path(path) / "rmu_config.json"
     try:

@@ -271,7 +271,7 @@ def resolve_layers(model: nn.Module, config) -> tuple[int, tuple[int, ...]]:
 
 # ---------------------------------------------------------------------------------- control vectors
 def draw_control_vectors(n: int, dim: int, seed: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """The reference construction (§2, §6): per topic ``torch.rand(1, 1, d)`` from a generator seeded with
+    """The reference construction (Eq. 1; docs/paper.md): per topic ``torch.rand(1, 1, d)`` from a generator seeded with
     ``seed``, divided by its norm. Returns unit vectors of shape (d,) in ``dtype`` on ``device``.
 
     Drawn on the CPU in float32 and then cast and moved, so one seed gives the same vectors on every device

@@ -1,4 +1,5 @@
-"""Configurations of the unlearning methods, with the paper's defaults (PAPER.md §2, §5, §6).
+"""Configurations of the unlearning methods, with the paper's defaults (arXiv 2408.06223: Eq. 1, Eq. 24 and
+Zephyr-7B's Table 1 recipe; docs/paper.md): they are the one place the Zephyr-7B settings are written.
 
 Every config is a frozen dataclass: the CLI, the notebooks and the tests build the same objects, and a saved
 run records the exact object it used (``rmu_config.json``). Per-topic settings (c, β, α, forget max length)
@@ -130,7 +131,7 @@ class _UnlearnConfig:
         return METHOD_NAMES[type(self)]
 
     def resolved_trained_layers(self) -> tuple[int, ...]:
-        """``trained_layers`` or the default (l-2, l-1, l) clipped at 0 (PAPER.md §2)."""
+        """``trained_layers`` or the default (l-2, l-1, l) clipped at 0 (as in RMU, Eq. 1)."""
         if self.trained_layers is not None:
             return tuple(sorted(set(self.trained_layers)))
         return tuple(range(max(0, self.layer - 2), self.layer + 1))

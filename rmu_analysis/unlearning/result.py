@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import pandas as pd
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .._io import atomic_directory, atomic_write_json
@@ -83,8 +85,6 @@ class UnlearnResult:
 
     def to_frame(self):
         """The log as a pandas DataFrame (one row per logged step)."""
-        import pandas as pd
-
         return pd.DataFrame(self.log)
 
     def summary(self) -> dict[str, Any]:
@@ -114,8 +114,6 @@ def save_unlearned(
     half-written checkpoint at ``path``. ``model`` / ``tokenizer`` default to the run's. The model is not changed.
     ``extra``: more JSON-ready fields for ``rmu_config.json`` (e.g. ``{"base_model": "organism"}``).
     """
-    from safetensors.torch import save_file
-
     model = model if model is not None else result.model
     tokenizer = tokenizer if tokenizer is not None else result.tokenizer
     if model is None:
