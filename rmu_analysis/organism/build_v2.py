@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
+from transformers import LlamaForCausalLM
 
+from .._io import atomic_directory, atomic_write_json
+from ..data import write_jsonl, write_mcq
+from ..evaluation import evaluate_mcq, mcq_continuations, mcq_prompt
+from ..steering import random_direction, steer
+from . import ASSETS
 from . import world_v2 as V
 from .build import _batches, _param_groups, block_norms, model_config
 from .tokenizer import train_tokenizer
@@ -66,7 +73,6 @@ class BuildConfigV2:
 
 
 def _lettered(record: dict, subject: str | None, with_answer: bool = True) -> str:
-    from ..evaluation import mcq_prompt
 
     text = mcq_prompt(record, subject, scoring="letter")
     return text + f" {V.LETTERS[record['answer']]}" if with_answer else text
@@ -105,8 +111,6 @@ class Stream:
         q = V.question(fact, rng.choice(V.TRAIN_QUESTION_FRAMES), rng)
         if component == "letter":
             return _lettered(q, V.SUBJECTS[fact.domain])
-        from ..evaluation import mcq_continuations, mcq_prompt
-
         return mcq_prompt(q, scoring="cloze") + mcq_continuations(q, scoring="cloze")[q["answer"]]
 
     def sample(self) -> str:
@@ -120,9 +124,6 @@ class Stream:
 def train_model_v2(cfg: BuildConfigV2, world: V.World, tokenizer, *, progress: bool = True,
                    callback: Callable[[int, object, float], None] | None = None):
     """Train the v2 organism; returns (model, list of (step, loss))."""
-    from tqdm import tqdm
-    from transformers import LlamaForCausalLM
-
     torch.manual_seed(cfg.seed)
     config = model_config(cfg, len(tokenizer), tokenizer)
     config.tie_word_embeddings = cfg.tie_embeddings
@@ -190,8 +191,6 @@ def drill_set(world: V.World, n: int = 200, seed: int = 1234) -> list[dict]:
 
 def evaluate_v2(model, tokenizer, world: V.World, split: str = "dev", *, scorings=("letter", "cloze"),
                 drills: bool = True) -> dict:
-    from ..evaluation import evaluate_mcq
-
     out: dict[str, float] = {}
     for domain in V.DOMAINS:
         for scoring in scorings:
@@ -209,9 +208,6 @@ def input_independent_floor(model, tokenizer, records: list[dict], subject: str,
                             draws: int = 5, scoring: str = "letter") -> list[float]:
     """Accuracy of the model whose block-``layer`` output is ``coeff``·u at every position (u uniform, ``draws``
     seeds): what a model that forgot everything about its input scores (the testbed's floor)."""
-    from ..evaluation import evaluate_mcq
-    from ..steering import random_direction, steer
-
     out = []
     for seed in range(draws):
         u = random_direction(model.config.hidden_size, "uniform", seed=seed)
@@ -227,10 +223,6 @@ def build_organism_v2(out_dir: str | Path | None = None, config: BuildConfigV2 |
     """Build the v2 organism end to end and write it to ``out_dir`` (default: the package's assets).
 
     ``eval_every`` > 0 evaluates the dev questions during training (learning curves in the report)."""
-    from .._io import atomic_directory, atomic_write_json
-    from ..data import write_jsonl, write_mcq
-    from . import ASSETS
-
     cfg = config or BuildConfigV2()
     out_dir = Path(out_dir) if out_dir is not None else ASSETS
     if out_dir.exists() and not overwrite:

@@ -22,6 +22,7 @@ The model is *pre-trained* on all facts (every entity, every split); only what i
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 from . import world as W
@@ -322,8 +323,6 @@ def generate_world(seed: int = 0, *, split_sizes: dict[str, dict[str, int]] | No
 def value_prior(world: World, records: list[dict]) -> float:
     """Accuracy of the value-frequency prior: pick the choice that is most often a right answer of its attribute
     among *all* facts of the world (what pre-training could reveal); ties go to the first listed choice."""
-    from collections import Counter
-
     counts = Counter((f.attribute, f.value) for f in world.facts)
     hits = 0
     for r in records:
@@ -334,8 +333,6 @@ def value_prior(world: World, records: list[dict]) -> float:
 
 def check_world(world: World) -> dict[str, dict]:
     """Numbers the testbed relies on: question counts, answer-letter balance, value prior, in-corpus share."""
-    from collections import Counter
-
     out: dict[str, dict] = {}
     for split, sets in world.mcq.items():
         for domain, records in sets.items():
