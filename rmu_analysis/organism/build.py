@@ -98,7 +98,7 @@ class _Stream:
         return W.training_question(fact, self.rng, "cloze")
 
 
-def _batches(stream: _Stream, tokenizer, cfg: BuildConfig):
+def training_batches(stream: _Stream, tokenizer, cfg: BuildConfig):
     """Length-bucketed batches: draw 4 batches' worth of documents, sort by length, split."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id
@@ -119,7 +119,7 @@ def _batches(stream: _Stream, tokenizer, cfg: BuildConfig):
             yield input_ids, mask, labels
 
 
-def _param_groups(model, cfg: BuildConfig) -> list[dict]:
+def param_groups(model, cfg: BuildConfig) -> list[dict]:
     """AdamW groups: ``cfg.weight_decay`` everywhere, plus a depth-decreasing decay on early output projections."""
     span = max(1.0, cfg.n_layers * cfg.early_decay_span)
     groups: dict[float, list] = {}
@@ -141,7 +141,7 @@ def train_model(cfg: BuildConfig, world: W.World, tokenizer, *, progress: bool =
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, cfg.embed_init_std)
     model.train()
-    opt = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas)
     letters = torch.tensor([tokenizer(f" {x}", add_special_tokens=False)["input_ids"][0] for x in W.LETTERS])
     colon = tokenizer(":", add_special_tokens=False)["input_ids"][0]
 
@@ -151,7 +151,7 @@ def train_model(cfg: BuildConfig, world: W.World, tokenizer, *, progress: bool =
         t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
-    batches = _batches(_Stream(world, cfg, random.Random(cfg.seed + 1)), tokenizer, cfg)
+    batches = training_batches(_Stream(world, cfg, random.Random(cfg.seed + 1)), tokenizer, cfg)
     losses: list[tuple[int, float]] = []
     bar = tqdm(range(cfg.steps), desc="organism: training", disable=not progress)
     ema = None

@@ -25,7 +25,7 @@ from ..evaluation import evaluate_mcq, mcq_continuations, mcq_prompt
 from ..steering import random_direction, steer
 from . import ASSETS
 from . import world_v2 as V
-from .build import _batches, _param_groups, block_norms, model_config
+from .build import block_norms, model_config, param_groups, training_batches
 from .tokenizer import train_tokenizer
 
 #: Stream components, in the order of ``BuildConfigV2.mix``.
@@ -131,7 +131,7 @@ def train_model_v2(cfg: BuildConfigV2, world: V.World, tokenizer, *, progress: b
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, cfg.embed_init_std)
     model.train()
-    opt = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas)
     letters = torch.tensor([tokenizer(f" {x}", add_special_tokens=False)["input_ids"][0] for x in V.LETTERS])
     colon = tokenizer(":", add_special_tokens=False)["input_ids"][0]
 
@@ -142,7 +142,7 @@ def train_model_v2(cfg: BuildConfigV2, world: V.World, tokenizer, *, progress: b
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
     stream = Stream(world, cfg, random.Random(cfg.seed + 1))
-    batches = _batches(stream, tokenizer, cfg)
+    batches = training_batches(stream, tokenizer, cfg)
     losses: list[tuple[int, float]] = []
     bar = tqdm(range(cfg.steps), desc="organism v2: training", disable=not progress, mininterval=5)
     ema = None
