@@ -1,5 +1,6 @@
 """Figures of the sweeps (``rmu_analysis.experiments``). Each function takes the frames that
-``experiments.load_results`` / ``collapse_points`` return, returns the matplotlib ``Figure`` and never shows it.
+``experiments.load_results`` / ``collapse_points`` return, returns the matplotlib ``Figure`` and never shows it;
+which of them a reproduction draws is ``experiments.figures``.
 
 - :func:`plot_layer_sweep` — forget and general accuracy per unlearn layer, RMU (fixed c) vs Adaptive RMU (Fig. 5)
 - :func:`plot_collapse` — forget accuracy against c / ‖h_l‖ and against raw c, every run, coloured by layer
@@ -16,20 +17,19 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
+from .experiments.results import finished_runs, result_topics
+from .experiments.targets import TARGETS, Targets
+
 __all__ = ["plot_layer_sweep", "plot_collapse", "plot_coefficient_sweep", "plot_norm_trajectories"]
 
 _LABELS = {"rmu": "RMU (fixed c)", "adaptive-rmu": "Adaptive RMU"}
 _COLORS = {"rmu": "tab:red", "adaptive-rmu": "tab:blue"}
 
 
-def _topics(frame: pd.DataFrame) -> list[str]:
-    return [c[len("norm_frozen_"):] for c in frame.columns if c.startswith("norm_frozen_")]
-
-
-def _ok(frame: pd.DataFrame) -> pd.DataFrame:
+def _runs(frame: pd.DataFrame) -> pd.DataFrame:
     if frame is None or len(frame) == 0:
         raise ValueError("nothing to plot: the results frame is empty")
-    return frame[frame["status"] == "ok"] if "status" in frame else frame
+    return finished_runs(frame)
 
 
 def _subplots(n: int, width: float = 3.6, height: float = 3.2):
@@ -44,12 +44,12 @@ def _plain_log_x(ax) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def plot_layer_sweep(frame: pd.DataFrame, *, target: float = 0.35, min_general_ratio: float = 0.85,
-                     title: str | None = None):
+def plot_layer_sweep(frame: pd.DataFrame, *, targets: Targets = TARGETS, title: str | None = None):
     """Mean ± std over seeds of each forget topic's accuracy and the general accuracy against the unlearn
-    layer, one line per method, with the base accuracy, chance (25%), the 35% target and 85% of base."""
-    frame = _ok(frame)
-    sets = _topics(frame) + ["general"]
+    layer, one line per method, with the base accuracy, chance (25%), the forget target (``targets.max_forget``)
+    and the utility bar (``targets.min_general_ratio`` × base)."""
+    frame = _runs(frame)
+    sets = result_topics(frame) + ["general"]
     fig, axes = _subplots(len(sets))
     for ax, s in zip(axes, sets):
         col = f"acc_{s}"
@@ -62,10 +62,11 @@ def plot_layer_sweep(frame: pd.DataFrame, *, target: float = 0.35, min_general_r
         ax.axhline(base, color="black", linewidth=1, label=f"base ({base:.0%})")
         ax.axhline(0.25, color="gray", linestyle=":", linewidth=1, label="chance")
         if s == "general":
-            ax.axhline(min_general_ratio * base, color="gray", linestyle="--", linewidth=1,
-                       label=f"{min_general_ratio:.0%} of base")
+            ax.axhline(targets.min_general_ratio * base, color="gray", linestyle="--", linewidth=1,
+                       label=f"{targets.min_general_ratio:.0%} of base")
         else:
-            ax.axhline(target, color="tab:blue", linestyle="--", linewidth=1, alpha=0.6, label=f"{target:.0%} target")
+            ax.axhline(targets.max_forget, color="tab:blue", linestyle="--", linewidth=1, alpha=0.6,
+                       label=f"{targets.max_forget:.0%} target")
         ax.set_ylim(0, 1)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("unlearn layer l")
@@ -110,11 +111,11 @@ def plot_collapse(points: pd.DataFrame, summary: Mapping[str, Any] | None = None
 def plot_coefficient_sweep(frame: pd.DataFrame, layer: int, *, title: str | None = None):
     """At block ``layer``, against c (fixed-c RMU runs): forget and general accuracy (Fig. 3), mean cos(u, h)
     on forget texts beside the null directions (Fig. 2e–h), and mean MaxLogit on forget questions (Fig. 2a–d)."""
-    frame = _ok(frame)
+    frame = _runs(frame)
     sub = frame[(frame["method"] == "rmu") & (frame["layer"] == layer)].sort_values("coeff")
     if sub.empty:
         raise ValueError(f"no fixed-c RMU runs at layer {layer} in the frame")
-    topics = _topics(frame)
+    topics = result_topics(frame)
     g = sub.groupby("coeff")
     fig, axes = _subplots(3, width=3.8)
     for t in topics:
@@ -147,7 +148,7 @@ def plot_norm_trajectories(frame: pd.DataFrame, layers: Sequence[int], *, method
     """‖h^(l)(x_F)‖ of the updated model on each training batch (the engine's log) for runs at ``layers``, with
     the coefficient as a dashed line (Fig. 4: at early layers the norm starts below c and reaches it; at late
     layers it starts above c). ``frame`` needs ``load_results(..., logs=True)``."""
-    frame = _ok(frame)
+    frame = _runs(frame)
     if "log" not in frame:
         raise ValueError("the frame has no training logs: load it with load_results(..., logs=True)")
     fig, axes = _subplots(len(layers), width=3.8)

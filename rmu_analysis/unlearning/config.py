@@ -261,9 +261,7 @@ METHOD_NAMES: dict[type, str] = {
 }
 CONFIG_CLASSES: dict[str, type] = {name: cls for cls, name in METHOD_NAMES.items()}
 
-#: Named recipes. Zephyr-7B-β (32 blocks): l = 7, blocks 5–7, c = 6.5 or β = 5, α = 1200, lr 5e-5, batch 4,
-#: 500 steps (the paper; WMDP's released model used 150), bio (max length 512) + cyber (768), retain 512.
-#: The organism's recipes are the settings chosen by ``benchmarks/organism_methods.py``.
+
 def config_from_dict(data: dict[str, Any]) -> _UnlearnConfig:
     """Rebuild a config from ``to_dict()`` output (e.g. a saved ``rmu_config.json``)."""
     data = dict(data)
