@@ -121,3 +121,8 @@ def test_reduced_build_end_to_end(tmp_path):
     assert {"fact_id", "split", "in_corpus"} <= set(first)
     with pytest.raises(FileExistsError):
         build_organism_v2(tmp_path / "org", cfg, progress=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not written by rmu_analysis"):  # refused before any training
+        build_organism_v2(tmp_path / "mine", cfg, overwrite=True, progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

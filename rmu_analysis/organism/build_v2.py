@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaForCausalLM
 
-from .._io import atomic_directory, atomic_write_json
+from .._io import atomic_directory, atomic_write_json, check_output_dir
 from ..data import write_jsonl, write_mcq
 from ..evaluation import evaluate_mcq, mcq_continuations, mcq_prompt
 from ..steering import random_direction, steer
@@ -225,8 +225,7 @@ def build_organism_v2(out_dir: str | Path | None = None, config: BuildConfigV2 |
     ``eval_every`` > 0 evaluates the dev questions during training (learning curves in the report)."""
     cfg = config or BuildConfigV2()
     out_dir = Path(out_dir) if out_dir is not None else ASSETS
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists: pass overwrite=True (--overwrite) to replace it")
+    check_output_dir(out_dir, overwrite=overwrite)  # fail before the training, not after
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     world = cfg.world()
