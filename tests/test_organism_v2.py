@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from rmu_analysis.organism import world_v2 as V
-from rmu_analysis.organism.build_v2 import BuildConfigV2, Stream, build_organism_v2, tokenizer_texts
+from rmu_analysis.organism.build_v2 import BuildConfigV2, Stream, build_organism_v2, summary_v2, tokenizer_texts
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,8 @@ def test_reduced_build_end_to_end(tmp_path):
     assert "bio-mcq.jsonl" in files and "bio-dev-mcq.jsonl" in files and "retain-corpus.jsonl" in files
     saved = json.loads((tmp_path / "org" / "build_report.json").read_text())
     assert saved["version"] == 2 and set(saved["accuracy"]) == {"dev", "test"}
+    text = summary_v2(saved)
+    assert "bio/letter" in text and "input-independent model" in text
     assert len(saved["floor"]["accuracy"]["bio"]) == 5
     first = json.loads((tmp_path / "org" / "data" / "bio-mcq.jsonl").read_text().splitlines()[0])
     assert {"fact_id", "split", "in_corpus"} <= set(first)
@@ -126,3 +128,12 @@ def test_reduced_build_end_to_end(tmp_path):
     with pytest.raises(FileExistsError, match="not written by rmu_analysis"):  # refused before any training
         build_organism_v2(tmp_path / "mine", cfg, overwrite=True, progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_cli_testbed_2_flags_are_checked_before_any_work(capsys):
+    from rmu_analysis.cli import main
+
+    assert main(["organism", "build", "--testbed", "2"]) == 2  # no --out: never over the shipped organism
+    assert "--out" in capsys.readouterr().err
+    assert main(["organism", "build", "--eval-every", "5"]) == 2  # a testbed-2 option on testbed 1
+    assert "testbed-2 option" in capsys.readouterr().err

@@ -284,3 +284,17 @@ def build_organism_v2(out_dir: str | Path | None = None, config: BuildConfigV2 |
             write_mcq(world.mcq["dev"][domain], data / f"{domain}-dev-mcq.jsonl")
         atomic_write_json(tmp / "build_report.json", report)
     return report
+
+
+def summary_v2(report: dict) -> str:
+    """A few lines for the terminal: dev/test accuracy per set and scoring, the floor, block-norm growth."""
+    lines = [f"organism v2: {report['config']['n_layers']} blocks, {report['n_parameters']:,} parameters, "
+             f"built in {report['build_seconds']:.0f} s"]
+    for split, acc in report["accuracy"].items():
+        lines.append(f"  {split:4s} " + "  ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+    floor = report["floor"]
+    lines.append(f"  input-independent model (block {floor['layer']} := {floor['coeff']:.1f}·u, 5 draws): "
+                 + "  ".join(f"{d} {max(v):.1%}" for d, v in floor["accuracy"].items()))
+    norms = report["block_norms"]["retain"]
+    lines.append(f"  block norms (retain): {norms[0]:.1f} -> {norms[-1]:.1f} ({norms[-1] / norms[0]:.2f}x)")
+    return "\n".join(lines)

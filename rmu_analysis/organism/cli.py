@@ -9,6 +9,7 @@ import torch
 
 from . import SUBJECTS, build_report, load_organism, organism_corpora, organism_mcq
 from .build import BuildConfig, block_norms, build_organism, evaluate_organism, main_summary
+from .build_v2 import BuildConfigV2, build_organism_v2, summary_v2
 
 __all__ = ["add_demo_parser", "add_organism_parser"]
 
@@ -33,6 +34,12 @@ def add_organism_parser(subparsers) -> argparse.ArgumentParser:
                    help="every attribute value answers equally many questions (the shipped organism: off)")
     b.add_argument("--overwrite", action="store_true",
                    help="replace an existing output directory that rmu-analysis wrote (any other is refused)")
+    b.add_argument("--testbed", type=int, choices=(1, 2), default=1,
+                   help="1: the shipped organism's world; 2: the testbed-v2 world (balanced answers, dev/test "
+                        "split, WMDP-shaped corpora, matching drills; needs --out, not shipped yet)")
+    b.add_argument("--eval-every", type=int, default=0,
+                   help="testbed 2: evaluate the dev questions every N steps and print the learning curve")
+    b.add_argument("--tie-embeddings", action="store_true", help="testbed 2: one matrix for embedding and unembedding")
     b.set_defaults(func=build)
     i = org_sub.add_parser("info", help="print the organism's build report")
     i.add_argument("--path", default=None)
@@ -68,6 +75,21 @@ def demo(args: argparse.Namespace) -> int:
 
 def build(args: argparse.Namespace) -> int:
     overrides = {"steps": args.steps, "n_layers": args.layers}
+    if args.testbed == 2:
+        if args.out is None:
+            raise ValueError("--testbed 2 needs --out DIR: the shipped organism is still testbed 1")
+        if args.balanced_values:
+            raise ValueError("--balanced-values is a testbed-1 option (testbed 2 is always balanced)")
+        if args.eval_every < 0:
+            raise ValueError(f"--eval-every must be >= 0, got {args.eval_every}")
+        cfg = BuildConfigV2(seed=args.seed, threads=args.threads, tie_embeddings=args.tie_embeddings,
+                            **{k: v for k, v in overrides.items() if v is not None})
+        report = build_organism_v2(args.out, cfg, overwrite=args.overwrite, progress=True,
+                                   eval_every=args.eval_every, log=lambda rec: print(json.dumps(rec), flush=True))
+        print(summary_v2(report))
+        return 0
+    if args.eval_every or args.tie_embeddings:
+        raise ValueError("--eval-every and --tie-embeddings are testbed-2 options: add --testbed 2")
     cfg = BuildConfig(seed=args.seed, threads=args.threads, balanced_values=args.balanced_values,
                       **{k: v for k, v in overrides.items() if v is not None})
     report = build_organism(args.out, cfg, overwrite=args.overwrite, progress=True)
