@@ -9,6 +9,7 @@ is removed on exit and on exceptions:
   position embeddings, masks ...) during a forward pass, optionally stopping it right after block ``l``
   (``stop_after``, TransformerLens' ``stop_at_layer``) or right before it (``stop_before``);
 - :func:`edit`: replace a block's output (or add to it) during the forward passes inside the context;
+  :func:`edit_input` does the same to the hidden states a block is called with;
 - :func:`run_blocks`: run a range of blocks on given hidden states with recorded call arguments, optionally with
   some of their tensors swapped in (``torch.func.functional_call``), differentiably.
 """
@@ -25,7 +26,8 @@ from torch.func import functional_call
 
 from .models import check_layer, check_layers, decoder_blocks
 
-__all__ = ["BlockCall", "Recording", "block_output", "with_block_output", "record", "forward", "edit", "run_blocks"]
+__all__ = ["BlockCall", "Recording", "block_output", "with_block_output", "record", "forward", "edit", "edit_input",
+           "run_blocks"]
 
 
 class _Stop(Exception):
@@ -187,6 +189,25 @@ def edit(model: nn.Module, layer: int, fn: Callable[[torch.Tensor], torch.Tensor
         if not chain:
             handle.remove()
             del _EDITS[block]
+
+
+@contextlib.contextmanager
+def edit_input(model: nn.Module, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Context manager: the hidden states block ``layer`` is called with become ``fn(hidden)`` in every forward
+    pass inside it (its other arguments are passed as they are). Pre-hooks run in the order they were registered:
+    a recorder of the block's call entered inside this context sees the edited input, one entered before it not."""
+    block = decoder_blocks(model)[check_layer(model, layer)]
+
+    def hook(module, args, kwargs):
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield None
+    finally:
+        handle.remove()
 
 
 def run_blocks(model: nn.Module, hidden: torch.Tensor, calls: Mapping[int, BlockCall], layers: Sequence[int], *,

@@ -112,3 +112,26 @@ def test_nested_edits_innermost_wins(tiny_llama, tiny_tokenizer):
     base = reference(tiny_llama, tiny_tokenizer)[2]
     torch.testing.assert_close(rec.outputs[1], base + (outer + inner), rtol=0, atol=1e-5)
     assert hooks_left(tiny_llama) == before and not hooks._EDITS
+
+
+@pytest.mark.parametrize("as_keyword", [False, True])
+def test_edit_input_changes_what_a_block_is_called_with(tiny_llama, tiny_tokenizer, as_keyword):
+    """A shifted input of block 1 gives the outputs run_blocks gives on the shifted input, whether the block is
+    called with its hidden states by position or by keyword; the hook is gone after the context, on an error too."""
+    reference(tiny_llama, tiny_tokenizer)
+    before = hooks_left(tiny_llama)
+    block = decoder_blocks(tiny_llama)[1]
+    with torch.no_grad():
+        rec = hooks.forward(tiny_llama, inputs(tiny_tokenizer), calls=[1, 2], stop_before=3)
+        call = rec.calls[1]
+        shifted = hooks.run_blocks(tiny_llama, call.hidden + 0.5, rec.calls, [1, 2])
+        with hooks.edit_input(tiny_llama, 1, lambda h: h + 0.5):
+            if as_keyword:
+                got, expected = hooks.block_output(block(hidden_states=call.hidden, *call.args, **call.kwargs)), shifted[1]
+            else:
+                got, expected = hooks.forward(tiny_llama, inputs(tiny_tokenizer), [2], stop_after=2).outputs[2], shifted[2]
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        assert hooks_left(tiny_llama) == before
+        with pytest.raises(RuntimeError, match="inside"), hooks.edit_input(tiny_llama, 1, lambda h: h):
+            raise RuntimeError("an error inside the block")
+    assert hooks_left(tiny_llama) == before
