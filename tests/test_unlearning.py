@@ -4,8 +4,8 @@ rules, errors before training, saving, and the baselines. Tiny random models on 
 The ``case`` fixture holds the model and data; add a variant to ``CASES``. "tiny" is a random 5-block Llama;
 "organism" is the shipped 12-block model organism (fp32, l = 3, its first 40 texts per corpus; skipped only
 when its files are missing). Engine and reference agree bit for bit on one or two CPU threads (max |Δw| = 0
-for RMU and Adaptive RMU in both loss conventions, weights moved by ~2e-2); the tolerance 1e-5 leaves room
-for other thread counts and BLAS builds.
+for RMU and Adaptive RMU in both loss conventions, with and without retain noise, weights moved by ~2e-2); the
+tolerance 1e-5 leaves room for other thread counts and BLAS builds.
 """
 from __future__ import annotations
 
@@ -48,10 +48,11 @@ def same_state(model, snap) -> bool:
 
 
 # ------------------------------------------------------------------------ engine == reference
+@pytest.mark.parametrize("retain_noise", [0.0, 0.1])
 @pytest.mark.parametrize("loss", ["reference", "masked"])
 @pytest.mark.parametrize("method", ["rmu", "adaptive-rmu"])
-def test_engine_matches_reference_after_20_steps(case, method, loss):
-    cfg = case.config(method, loss=loss)
+def test_engine_matches_reference_after_20_steps(case, method, loss, retain_noise):
+    cfg = case.config(method, loss=loss, retain_noise=retain_noise)
     before = snapshot(case.model)
     fast = unlearn(case.model, case.tokenizer, case.forget, case.retain, cfg, progress=False)
     plain = unlearn_reference(case.model, case.tokenizer, case.forget, case.retain, cfg, progress=False)

@@ -48,6 +48,9 @@ def add_unlearn_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--loss", choices=("reference", "masked"), help="loss convention (RMU)")
     p.add_argument("--coefficient", choices=("first-batch", "per-sample"), help="Adaptive RMU coefficient mode")
+    p.add_argument("--retain-noise", type=float,
+                   help="RMU / Adaptive RMU: random noise augmentation σ (arXiv 2501.19202), Gaussian noise on the "
+                        "retain representations entering the trained blocks, relative to each token's norm (0: off)")
     p.add_argument("--params", choices=("selected", "mlp"), help="baselines: tensors to train")
     p.add_argument("--log-every", type=int)
     p.add_argument("--forget-topics", nargs="+", help="topic names (default: from the files, or the organism's)")
@@ -126,6 +129,7 @@ def build_config(args):
         "retain_max_length": args.retain_max_length, "seed": args.seed, "loss": args.loss,
         "coefficient": args.coefficient, "params": args.params, "log_every": args.log_every,
         "steering_coeff": _one_or_tuple(args.coeff), "beta": _one_or_tuple(args.beta),
+        "retain_noise": args.retain_noise,
     }
     flags = {"steering_coeff": "--coeff", "beta": "--beta", "loss": "--loss", "coefficient": "--coefficient",
              "params": "--params", "alpha": "--alpha"}

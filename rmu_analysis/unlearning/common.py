@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import re
 import warnings
@@ -317,6 +318,24 @@ def prepare_control_vectors(
             )
         out.append(v.to(device=device, dtype=dtype).clone())
     return out
+
+
+# ---------------------------------------------------------------------------------- retain noise
+def noise_generator(seed: int) -> torch.Generator:
+    """The CPU generator of a run's retain noise (``retain_noise``, arXiv 2501.19202): seeded from ``seed`` through
+    a hash, so its stream is apart from the control vectors' (drawn from ``seed`` itself)."""
+    digest = hashlib.sha256(f"retain-noise/{int(seed)}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def add_retain_noise(hidden: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """``hidden`` [B, T, d] plus Gaussian noise with per-token std ``scale`` · ||h_t|| / √d (an expected norm
+    ≈ ``scale`` · ||h_t||), a new tensor. The standard normals are drawn on the CPU in float32 from ``generator``
+    and moved, so one seed gives the same noise on every device; the sum is formed in float32 and cast back."""
+    z = torch.randn(hidden.shape, generator=generator, dtype=torch.float32).to(hidden.device)
+    h = hidden.float()
+    std = h.norm(dim=-1, keepdim=True) * (scale / math.sqrt(h.shape[-1]))
+    return (h + std * z).to(hidden.dtype)
 
 
 # ---------------------------------------------------------------------------------------- the losses

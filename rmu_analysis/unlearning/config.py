@@ -7,9 +7,10 @@ are a scalar applying to every topic or a tuple with one value per forget topic,
 ``forget`` mapping; a tuple whose length differs from the topic count is an error before training.
 
 Every number is checked when the config is built, before any model is loaded: c and β must be finite and
-positive; α finite and ≥ 0 (α = 0 is allowed: the run has no retain term, only the forget term); learning rate,
-Adam ε finite and positive; steps, batch size and lengths positive ints. A length longer than the model's
-positions is cut to the positions when the run starts (``common.sequence_lengths``).
+positive; α finite and ≥ 0 (α = 0 is allowed: the run has no retain term, only the forget term); the retain
+noise finite and ≥ 0; learning rate, Adam ε finite and positive; steps, batch size and lengths positive ints.
+A length longer than the model's positions is cut to the positions when the run starts
+(``common.sequence_lengths``).
 """
 from __future__ import annotations
 
@@ -152,8 +153,14 @@ class _UnlearnConfig:
         return (value,) * n_topics
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict, with the method name."""
-        return {"method": self.method, **dataclasses.asdict(self)}
+        """JSON-ready dict, with the method name. Options added after runs were saved (``ADDED_OPTIONS``) are
+        left out while they hold their default, which changes nothing: a saved config and a sweep run's key
+        (a hash of this dict) stay what they were before the option existed."""
+        data = dataclasses.asdict(self)
+        for name, default in ADDED_OPTIONS.items():
+            if name in data and data[name] == default:
+                del data[name]
+        return {"method": self.method, **data}
 
 
 @dataclass(frozen=True)
@@ -164,15 +171,28 @@ class _SteeringConfig(_UnlearnConfig):
     ``mse_loss(acts, target)``). ``loss="masked"``: padding excluded from both terms, BOS excluded from the
     forget term but kept in the retain term (dropping BOS from the retain term lets the attention-sink state
     drift and doubles the LM loss on generic text).
+
+    ``retain_noise`` σ: random noise augmentation of the retain term (arXiv 2501.19202), 0 = off. Each step, the
+    retain batch's representation entering the first trained block (the frozen prefix's output) gets Gaussian
+    noise before the trained blocks run, and their block-l output is still pulled to the frozen model's output on
+    the *clean* input: α ||h_upd(h_in(x_R) + ε) − h_frozen(x_R)||². The trained blocks learn to absorb a
+    perturbation of retain representations, as a forget token inside a retain query causes one. (Noise added to
+    h_upd itself before the MSE would change no expected gradient, only add zero-mean noise to it.) σ is
+    relative: token t's noise is N(0, (σ ||h_t|| / √d)² I), an expected norm ≈ σ ||h_t||, so one σ means the same
+    at every layer and in every model (residual norms grow with depth, the reason Adaptive RMU scales c, Eq. 24);
+    every position gets noise. Drawn from a CPU generator seeded by ``seed`` (apart from the control vectors'
+    stream), in float32, then moved: CPU and GPU runs see the same noise.
     """
 
     alpha: PerTopic = 1200.0
     loss: Literal["reference", "masked"] = "reference"
+    retain_noise: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.loss in LOSS_CONVENTIONS, f"loss must be one of {LOSS_CONVENTIONS}, got {self.loss!r}")
         _check_number("alpha", self.alpha, zero_ok=True, what=" (0 = no retain term)", per_topic=True)
+        _check_number("retain_noise", self.retain_noise, zero_ok=True, what=" (0 = no noise)")
 
 
 @dataclass(frozen=True)
@@ -260,6 +280,8 @@ METHOD_NAMES: dict[type, str] = {
     NPOConfig: "npo",
 }
 CONFIG_CLASSES: dict[str, type] = {name: cls for cls, name in METHOD_NAMES.items()}
+#: Options added after runs were saved, with the default that leaves a run as it was (see ``to_dict``).
+ADDED_OPTIONS: dict[str, Any] = {"retain_noise": 0.0}
 
 
 def config_from_dict(data: dict[str, Any]) -> _UnlearnConfig:

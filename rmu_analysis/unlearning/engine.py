@@ -12,6 +12,8 @@ How it differs from ``reference.py`` (same trained tensors, see tests/test_unlea
 - Gradients only for the trained tensors: every model parameter has ``requires_grad`` off during the run
   (restored afterwards), and backward stops at the first trained block. The run is in eval mode (dropout
   off; Llama / Mistral / Zephyr have none), the model's mode is restored afterwards.
+- Retain noise (``retain_noise`` > 0, arXiv 2501.19202) is added to the cached prefix's output, out of place, just
+  before the trained blocks run on it; the reference adds the same draws with a hook on the first trained block.
 - Prefix activations (and the frozen block-l output) are cached by token content: within a run the retain
   batch that every topic shares is computed once, and a ``PrefixCache`` passed to successive runs (or
   ``unlearn_sweep``) serves a whole coefficient sweep at one layer.
@@ -35,8 +37,9 @@ from .. import hooks
 from ..activations import mean_token_norm
 from ..models import frozen_parameters, hidden_size, model_device
 from .common import (
-    TrainedTensor, batch_texts, check_finite, log_row, loss_masks, mse, prepare_control_vectors, prepare_corpora,
-    reference_padding, resolve_layers, runnable_steps, select_trained, sequence_lengths, step_batch, tokenize,
+    TrainedTensor, add_retain_noise, batch_texts, check_finite, log_row, loss_masks, mse, noise_generator,
+    prepare_control_vectors, prepare_corpora, reference_padding, resolve_layers, runnable_steps, select_trained,
+    sequence_lengths, step_batch, tokenize,
 )
 from .config import AdaptiveRMUConfig, RMUConfig
 from .result import UnlearnResult
@@ -139,11 +142,11 @@ class PrefixCache:
 
 # --------------------------------------------------------------------------------- trained blocks
 def run_trained(model: nn.Module, prefix: Prefix, first: int, last: int,
-                overrides: dict[int, dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Blocks first..last from the prefix, with ``overrides`` (block -> {name: tensor}) swapped in: block
-    ``last``'s output."""
-    outs = hooks.run_blocks(model, prefix.calls[first].hidden, prefix.calls, range(first, last + 1),
-                            overrides=overrides)
+                overrides: dict[int, dict[str, torch.Tensor]], hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Blocks first..last from the prefix (or from ``hidden`` in its place, e.g. the prefix with retain noise),
+    with ``overrides`` (block -> {name: tensor}) swapped in: block ``last``'s output."""
+    start = prefix.calls[first].hidden if hidden is None else hidden
+    outs = hooks.run_blocks(model, start, prefix.calls, range(first, last + 1), overrides=overrides)
     return outs[last]
 
 
@@ -186,6 +189,7 @@ def unlearn_rmu(
     vectors = prepare_control_vectors(control_vectors, data.topics, hidden_size(model), config.seed, dtype, device)
     cache = prefix_cache if prefix_cache is not None else PrefixCache(max_entries=2 * n_topics)
     bos = getattr(tokenizer, "bos_token_id", None)
+    noise = noise_generator(config.seed) if config.retain_noise > 0 else None
 
     named = dict(model.named_parameters())
     model_params = [named[t.full_name] for t in trained]
@@ -224,9 +228,13 @@ def unlearn_rmu(
             forget_loss = mse(h_forget, target, forget_mask)
             forget_loss.backward()
 
-            # retain term: the frozen block-l output comes from the same (cached) no_grad pass as the prefix
+            # retain term: the frozen block-l output comes from the same (cached) no_grad pass as the prefix;
+            # with retain noise, the trained blocks start from the noisy prefix and still aim at the clean output
             retain_prefix = cache.get(model, retain_inputs, first, layer, frozen=True)
-            h_retain = run_trained(model, retain_prefix, first, layer, _overrides(model_params, masters, trained))
+            h_in = retain_prefix.calls[first].hidden
+            if noise is not None:
+                h_in = add_retain_noise(h_in, config.retain_noise, noise)
+            h_retain = run_trained(model, retain_prefix, first, layer, _overrides(model_params, masters, trained), h_in)
             retain_loss = mse(h_retain, retain_prefix.frozen.to(h_retain.device), retain_mask)
             (alphas[topic] * retain_loss).backward()
 

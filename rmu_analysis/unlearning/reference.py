@@ -17,8 +17,9 @@ from .. import hooks
 from ..activations import mean_token_norm
 from ..models import frozen_parameters, hidden_size, model_device, resolve_tokenizer
 from .common import (
-    check_finite, batch_texts, log_row, loss_masks, mse, prepare_control_vectors, prepare_corpora, reference_padding,
-    resolve_layers, runnable_steps, select_trained, sequence_lengths, step_batch, tokenize,
+    add_retain_noise, check_finite, batch_texts, log_row, loss_masks, mse, noise_generator, prepare_control_vectors,
+    prepare_corpora, reference_padding, resolve_layers, runnable_steps, select_trained, sequence_lengths, step_batch,
+    tokenize,
 )
 from .config import AdaptiveRMUConfig, RMUConfig
 from .result import UnlearnResult
@@ -63,6 +64,8 @@ def unlearn_reference(
         params, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay
     )
     bos = getattr(tokenizer, "bos_token_id", None)
+    noise = noise_generator(config.seed) if config.retain_noise > 0 else None
+    first = min(trained_layers)
     fixed_coeff: dict[int, float] = {}
     seen_coeffs: list[list[float]] = [[] for _ in range(n_topics)]
     log = []
@@ -94,8 +97,13 @@ def unlearn_reference(
             target = coefficient.reshape(-1, 1, 1) * u.to(updated_forget.device).reshape(1, 1, -1)
             unlearn_loss = mse(updated_forget, target, forget_mask)
 
-            # retain term: keep block l's output on retain text where the frozen model has it
-            updated_retain = forward_with_cache(updated_model, retain_inputs, layer, no_grad=False)
+            # retain term: keep block l's output on retain text where the frozen model has it; with retain noise,
+            # the updated model's input to the first trained block is perturbed (arXiv 2501.19202), the target is not
+            if noise is None:
+                updated_retain = forward_with_cache(updated_model, retain_inputs, layer, no_grad=False)
+            else:
+                with hooks.edit_input(updated_model, first, lambda h: add_retain_noise(h, config.retain_noise, noise)):
+                    updated_retain = forward_with_cache(updated_model, retain_inputs, layer, no_grad=False)
             frozen_retain = forward_with_cache(frozen_model, retain_inputs, layer, no_grad=True)
             retain_loss = mse(updated_retain, frozen_retain.to(updated_retain.device), retain_mask)
 
