@@ -2,11 +2,12 @@
 concern per module:
 
 - :mod:`.specs` — one run: :class:`RunSpec` (method, block l, coefficient, steps, seed ...) and its key;
+- :mod:`.inputs` — what a run reads, by content (the model's files, the data): part of every key;
 - :mod:`.workbench` — the data (:class:`ExperimentData`, held-out split) and the shared model (:class:`Workbench`);
 - :mod:`.measure` — what a run measures (accuracy, retain loss, MaxLogit, cos(u, h), ‖h^(l)‖);
 - :mod:`.runner` — :func:`run_one`, and :func:`run_sweep` (one atomic JSON per run, resumable, shardable,
-  several worker processes);
-- :mod:`.results` — :func:`load_results`: a results directory as one row per run;
+  several worker processes that end with the sweep);
+- :mod:`.results` — :func:`load_results`: a results directory as one row per run; :func:`rekey`;
 - :mod:`.plans` — grids and :class:`ExperimentPlan` (the named plans are in :mod:`rmu_analysis.recipes`);
 - :mod:`.targets` — :data:`TARGETS`, every success threshold, named once;
 - :mod:`.analysis` — the numbers the claims are checked on (layer targets, collapse, Table 1, ...);
@@ -36,21 +37,24 @@ from .plans import (
     valid_layers,
 )
 from .report import frame_markdown, summary_markdown, table1_markdown, table1_text
-from .results import finished_runs, flatten_result, load_results, result_topics
+from .inputs import data_identity, model_identity, run_inputs
+from .results import Rekeyed, finished_runs, flatten_result, load_results, rekey, result_problem, result_topics
 from .runner import SweepOutcome, is_finished, parse_shard, rerun_check, run_one, run_sweep, shard_specs
 from .specs import COEFF_FIELDS, RESULT_VERSION, STEERING, EvalSettings, RunSpec
 from .targets import TARGETS, WMDP_TARGETS, Targets
 from .workbench import (
-    ExperimentData, LazyWorkbench, Workbench, cycle_texts, data_from_files, organism_data, training_texts,
+    ExperimentData, LazyWorkbench, Workbench, cycle_texts, data_digest, data_from_files, organism_data,
+    training_texts,
 )
 
 __all__ = [
     "RESULT_VERSION", "STEERING", "COEFF_FIELDS", "EvalSettings", "RunSpec",
-    "ExperimentData", "organism_data", "data_from_files", "cycle_texts", "Workbench", "LazyWorkbench",
+    "model_identity", "data_identity", "run_inputs",
+    "ExperimentData", "data_digest", "organism_data", "data_from_files", "cycle_texts", "Workbench", "LazyWorkbench",
     "training_texts", "lm_loss", "question_prompts", "accuracies", "measure_outputs", "measure_representations",
     "forget_norms", "each_installed", "accuracy_table", "confidence_table", "alignment_table", "run_one", "run_sweep",
     "SweepOutcome", "parse_shard", "shard_specs", "is_finished", "rerun_check",
-    "flatten_result", "load_results", "result_topics", "finished_runs",
+    "flatten_result", "load_results", "result_topics", "finished_runs", "result_problem", "rekey", "Rekeyed",
     "valid_layers", "layer_sweep_grid", "coefficient_grid", "table1_grid", "grid_points", "ExperimentPlan",
     "plan_grids", "plan_norms", "saved_norms", "Targets", "TARGETS", "WMDP_TARGETS",
     "spearman", "isotonic_decreasing", "layer_table", "layer_targets", "early_late", "early_late_split",

@@ -15,9 +15,9 @@ from ..recipes import ZEPHYR, model_plan, organism_plan
 from .plans import ExperimentPlan, plan_grids, plan_norms
 from .results import finished_runs, load_results
 from .runner import is_finished, run_sweep, shard_specs
-from .workbench import LazyWorkbench, Workbench, data_from_files
+from .workbench import ExperimentData, LazyWorkbench, Workbench, data_from_files
 
-__all__ = ["add_sweep_parser", "add_model_arguments", "plan_from_args", "resources"]
+__all__ = ["add_sweep_parser", "add_model_arguments", "plan_from_args", "resources", "model_workbench"]
 
 
 def add_sweep_parser(subparsers) -> Any:
@@ -50,6 +50,9 @@ def add_model_arguments(p) -> None:
     p.add_argument("--retain-file", type=Path, help="retain corpus (real model)")
     p.add_argument("--mcq", nargs="+", metavar="SET=FILE",
                    help="question files: one per forget topic and general=FILE (e.g. MMLU)")
+    p.add_argument("--forget-format", choices=("auto", "jsonl", "lines"), default=None,
+                   help='forget files (real model): "jsonl" ("text" field), "lines" (one raw text per line) or '
+                        '"auto" (from the file; the default)')
     p.add_argument("--coeff", type=float, default=None,
                    help=f"fixed c of the layer sweep (real model; default {ZEPHYR.steering_coeff:g})")
     p.add_argument("--layer", type=int, default=None,
@@ -77,7 +80,8 @@ def plan_from_args(args) -> tuple[ExperimentPlan, Callable[[], Workbench]]:
     """The plan and a workbench factory that the flags describe (shared by ``sweep`` and ``reproduce``)."""
     if args.model == "organism":
         given = [flag for flag, value in (("--forget-files", args.forget_files), ("--retain-file", args.retain_file),
-                                          ("--mcq", args.mcq), ("--coeff", args.coeff), ("--layer", args.layer),
+                                          ("--mcq", args.mcq), ("--forget-format", args.forget_format),
+                                          ("--coeff", args.coeff), ("--layer", args.layer),
                                           ("--steps", args.steps)) if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: only for --model PATH; the organism runs its own data and the "
@@ -92,22 +96,25 @@ def plan_from_args(args) -> tuple[ExperimentPlan, Callable[[], Workbench]]:
     forget, mcq = _pairs(args.forget_files, "--forget-files"), _pairs(args.mcq, "--mcq")
     if not forget or args.retain_file is None or not mcq:
         raise ValueError("--model PATH needs --forget-files TOPIC=FILE ..., --retain-file FILE and --mcq SET=FILE ...")
-    data = data_from_files(forget, args.retain_file, mcq)
+    data = data_from_files(forget, args.retain_file, mcq, forget_format=args.forget_format or "auto")
     model_cfg = Path(args.model) / "config.json"
     if not model_cfg.is_file():
         raise FileNotFoundError(f"{args.model} is not a Hugging Face model directory: {model_cfg} does not exist")
     n_blocks = int(json.loads(model_cfg.read_text()).get("num_hidden_layers"))
     plan = model_plan(n_blocks, model=str(args.model), data=data.name, c=args.coeff, layer=args.layer,
                       steps=args.steps, seeds=tuple(args.seeds or (0, 1, 2)))
+    # picklable (a module-level function and plain values): --workers processes each build their own
+    return plan, functools.partial(model_workbench, str(args.model), data, args.dtype)
 
-    def factory() -> Workbench:
-        cuda = torch.cuda.is_available()
-        dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if cuda else "float32")
-        m, tok = load_model(args.model, dtype=dtype)
-        if cuda:
-            m = m.to("cuda")
-        return Workbench(m, tok, data, model_id=str(args.model))
-    return plan, factory
+
+def model_workbench(model: str, data: ExperimentData, dtype: str = "auto") -> Workbench:
+    """The workbench of a local model directory with ``data``: on CUDA when there is one (``dtype`` "auto": bf16
+    there, fp32 on the CPU)."""
+    cuda = torch.cuda.is_available()
+    m, tok = load_model(model, dtype=dtype if dtype != "auto" else ("bfloat16" if cuda else "float32"))
+    if cuda:
+        m = m.to("cuda")
+    return Workbench(m, tok, data, model_id=model)
 
 
 def resources(args) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .._io import atomic_write_json
+from .inputs import run_inputs
 from .measure import forget_norms
 from .specs import EvalSettings, RunSpec
 from .workbench import Workbench
@@ -124,13 +125,18 @@ def saved_norms(results: str | Path) -> dict[int, float]:
 
 
 def plan_norms(plan: ExperimentPlan, bench: Callable[[], Workbench], results: Path) -> dict[int, float]:
-    """The frozen forget norms the coefficient grid needs, cached in ``results/norms.json`` (shards agree)."""
+    """The frozen forget norms the coefficient grid needs, cached in ``results/norms.json`` (shards agree) with
+    the identity of the model and data they were measured on (:func:`~.inputs.run_inputs`): after a change of
+    either they are measured again."""
     path = Path(results) / "norms.json"
     want = {str(l) for l in plan.coeff_layers}
+    inputs = run_inputs(plan.model, plan.data)
     if path.is_file():
         cached = json.loads(path.read_text())
-        if cached.get("model") == plan.model and cached.get("data") == plan.data and want <= set(cached["norms"]):
+        if (cached.get("model"), cached.get("data"), cached.get("inputs")) == (plan.model, plan.data, inputs) \
+                and want <= set(cached["norms"]):
             return saved_norms(results)
     norms = forget_norms(bench(), plan.coeff_layers, plan.eval)
-    atomic_write_json(path, {"model": plan.model, "data": plan.data, "norms": {str(k): v for k, v in norms.items()}})
+    atomic_write_json(path, {"model": plan.model, "data": plan.data, "norms": {str(k): v for k, v in norms.items()},
+                             "inputs": inputs})
     return norms

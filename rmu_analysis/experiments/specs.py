@@ -1,5 +1,6 @@
 """What one unlearning run of a sweep is: a :class:`RunSpec` (method, block l, coefficient, steps, seed, model,
-data) with its :class:`EvalSettings`, and its key, a hash of all of it that names the run's result file."""
+data) with its :class:`EvalSettings`, and its key, a hash of all of it and of the content of the model and data it
+reads (:mod:`.inputs`), which names the run's result file."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..unlearning.config import CONFIG_CLASSES
+from .inputs import run_inputs
 
 __all__ = ["RESULT_VERSION", "STEERING", "COEFF_FIELDS", "EvalSettings", "RunSpec"]
 
@@ -57,7 +59,8 @@ class RunSpec:
     ``coeff``: c for ``rmu``, β for ``adaptive-rmu`` and ``npo`` (None: the config default; GA and GradDiff take
     none). ``lr`` / ``alpha`` None: the method's default. ``options``: any other config field, as
     ``(("loss", "masked"), ...)``. ``model`` / ``data``: names of the model and data the run needs (checked
-    against the workbench). The key (:meth:`key`) hashes all of it plus the resolved engine config.
+    against the workbench). The key (:meth:`key`) hashes all of it, the resolved engine config and the identity of
+    the model's files and of the data (:meth:`inputs`).
     """
 
     method: str
@@ -122,9 +125,16 @@ class RunSpec:
         data["eval"] = EvalSettings(**data.get("eval", {}))
         return cls(**data)
 
+    def inputs(self) -> dict[str, str]:
+        """What the run reads, by content: ``{"model": ..., "data": ...}`` (:func:`~.inputs.model_identity`,
+        :func:`~.inputs.data_identity`). Changed weights or data give other identities, hence another key."""
+        return run_inputs(self.model, self.data)
+
     def key(self) -> str:
-        """A short stable hash of the spec, the resolved config and :data:`RESULT_VERSION` (the file name)."""
-        payload = {"spec": self.to_dict(), "config": self.config().to_dict(), "version": RESULT_VERSION}
+        """A short stable hash of the spec, the resolved config, :data:`RESULT_VERSION` and :meth:`inputs` (the
+        result file's name)."""
+        payload = {"spec": self.to_dict(), "config": self.config().to_dict(), "version": RESULT_VERSION,
+                   "inputs": self.inputs()}
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

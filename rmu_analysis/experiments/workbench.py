@@ -6,6 +6,7 @@ import contextlib
 import copy
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -16,17 +17,19 @@ from ..evaluation import WMDP_SUBJECTS
 from ..models import load_model
 from ..organism import SUBJECTS, organism_corpora, organism_mcq
 from ..unlearning import PrefixCache, UnlearnResult
+from .inputs import ORGANISM, content_digest
 from .measure import measure_outputs
 from .specs import EvalSettings, RunSpec
 
-__all__ = ["ExperimentData", "organism_data", "data_from_files", "cycle_texts", "Workbench", "LazyWorkbench",
-           "training_texts"]
+__all__ = ["ExperimentData", "data_digest", "organism_data", "data_from_files", "cycle_texts", "Workbench",
+           "LazyWorkbench", "training_texts"]
 
 
 @dataclass(frozen=True, eq=False)
 class ExperimentData:
     """Corpora and question sets of one experiment: ``forget`` topic -> texts, ``retain`` texts, ``mcq`` set ->
-    records (one set per forget topic plus ``"general"``), ``subjects`` set -> the prompt's subject."""
+    records (one set per forget topic plus ``"general"``), ``subjects`` set -> the prompt's subject. ``name`` is
+    what run specs refer to and what their keys hash (:func:`data_from_files` puts :attr:`digest` in it)."""
 
     name: str
     forget: Mapping[str, Sequence[str]]
@@ -37,6 +40,11 @@ class ExperimentData:
     @property
     def topics(self) -> tuple[str, ...]:
         return tuple(self.forget)
+
+    @cached_property
+    def digest(self) -> str:
+        """A hash of the content (topics and texts, retain texts, question records, subjects), not of file names."""
+        return data_digest(self.forget, self.retain, self.mcq, self.subjects)
 
     def record_subjects(self, name: str, records: Sequence[dict]) -> list[str | None]:
         """The prompt subject of each record of set ``name``: its own ``"subject"``, else the set's (None if empty)."""
@@ -73,29 +81,52 @@ def cycle_texts(texts: Sequence[str], n: int, seed: str) -> list[str]:
     return out
 
 
+def data_digest(forget: Mapping[str, Sequence[str]], retain: Sequence[str], mcq: Mapping[str, Sequence[dict]],
+                subjects: Mapping[str, str]) -> str:
+    """:attr:`ExperimentData.digest` of these corpora and question sets."""
+    def parts():
+        for topic, texts in forget.items():
+            yield ["forget", topic, len(texts)]
+            yield from texts
+        yield ["retain", len(retain)]
+        yield from retain
+        for name, records in mcq.items():
+            yield ["mcq", name, len(records)]
+            yield from records
+        yield ["subjects", dict(subjects)]
+    return content_digest(parts())
+
+
 def organism_data(path: str | Path | None = None) -> ExperimentData:
-    """The built-in organism's corpora and held-out question sets (``rmu_analysis.organism``)."""
-    corpora = organism_corpora(path)
-    return ExperimentData(name="organism", forget=corpora["forget"], retain=corpora["retain"],
-                          mcq=organism_mcq(path), subjects=dict(SUBJECTS))
+    """The built-in organism's corpora and held-out question sets (``rmu_analysis.organism``). Named
+    ``"organism"`` (run keys hash the shipped files); an organism built to ``path`` is named by its content."""
+    corpora, mcq = organism_corpora(path), organism_mcq(path)
+    name = ORGANISM if path is None else "organism:" + data_digest(corpora["forget"], corpora["retain"], mcq, SUBJECTS)
+    return ExperimentData(name=name, forget=corpora["forget"], retain=corpora["retain"], mcq=mcq,
+                          subjects=dict(SUBJECTS))
 
 
 def data_from_files(forget: Mapping[str, str | Path], retain: str | Path, mcq: Mapping[str, str | Path], *,
                     name: str | None = None, min_chars: int = 0, subjects: Mapping[str, str] | None = None,
-                    limit: int | None = None) -> ExperimentData:
+                    limit: int | None = None, forget_format: str = "auto") -> ExperimentData:
     """Data from files (a real model): ``forget`` topic -> corpus file, one ``retain`` corpus, ``mcq`` set ->
-    question file (the forget topics and ``"general"``, e.g. WMDP-Bio, WMDP-Cyber and MMLU)."""
+    question file (the forget topics and ``"general"``, e.g. WMDP-Bio, WMDP-Cyber and MMLU). ``forget_format``:
+    ``load_forget_corpus``'s ``format`` for every forget file.
+
+    The data is named ``"files:<digest>"`` (``"<name>:<digest>"`` with ``name``), a hash of what was loaded (texts,
+    records, subjects): run keys change when any file's content does, and identical copies under other file names
+    are the same data (their results are shared)."""
     missing = [t for t in forget if t not in mcq] + ([] if "general" in mcq else ["general"])
     if missing:
         raise ValueError(f"question files are missing for {missing}: give one per forget topic and one 'general'")
     subj = {**WMDP_SUBJECTS, "general": "", **(subjects or {})}
-    return ExperimentData(
-        name=name or "files:" + ",".join(f"{t}={Path(p).name}" for t, p in sorted({**forget, **mcq}.items())),
-        forget={t: load_forget_corpus(p, min_chars=min_chars) for t, p in forget.items()},
-        retain=load_text_corpus(retain, min_chars=min_chars),
-        mcq={s: load_mcq(p, limit=limit) for s, p in mcq.items()},
-        subjects={s: subj.get(s, s) for s in mcq},
-    )
+    texts = {t: load_forget_corpus(p, min_chars=min_chars, format=forget_format) for t, p in forget.items()}
+    retain_texts = load_text_corpus(retain, min_chars=min_chars)
+    records = {s: load_mcq(p, limit=limit) for s, p in mcq.items()}
+    set_subjects = {s: subj.get(s, s) for s in mcq}
+    digest = data_digest(texts, retain_texts, records, set_subjects)
+    return ExperimentData(name=f"{name or 'files'}:{digest}", forget=texts, retain=retain_texts, mcq=records,
+                          subjects=set_subjects)
 
 
 class Workbench:
