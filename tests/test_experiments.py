@@ -1,11 +1,21 @@
-"""experiments: run specs and their keys, the resumable / shardable sweep runner, run_one on a tiny model, and
-the summaries checked against hand-computed numbers."""
+"""experiments: run specs and their keys (which follow the content of every input), the resumable / shardable
+sweep runner (incomplete files recomputed, workers that end with the sweep), run_one on a tiny model, the
+summaries checked against hand-computed numbers, and the migration of a results directory to new keys."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,11 +23,14 @@ import pytest
 import torch
 
 from rmu_analysis import experiments as E
-from rmu_analysis.experiments import runner
+from rmu_analysis.cli import main
+from rmu_analysis.data import write_jsonl, write_mcq
+from rmu_analysis.experiments import inputs, runner
+from rmu_analysis.experiments.cli import model_workbench
 from rmu_analysis.organism.tokenizer import train_tokenizer
 from rmu_analysis.organism.world import SUBJECTS, generate_world
 from rmu_analysis.recipes import organism_plan
-from rmu_analysis.testing import tiny_llama
+from rmu_analysis.testing import save_tiny_model_and_corpora, synthetic_texts, tiny_llama
 from rmu_analysis.unlearning import UnlearnResult
 
 EVAL = E.EvalSettings(confidence_prompts=3, confidence_tokens=2, eval_texts=4, batch_size=8)
@@ -57,9 +70,11 @@ def test_key_is_stable_and_canonical():
     # the key is a hash of canonical JSON (not Python's per-process hash): recompute it from its definition
     import hashlib
 
-    payload = {"spec": a.to_dict(), "config": a.config().to_dict(), "version": E.RESULT_VERSION}
+    payload = {"spec": a.to_dict(), "config": a.config().to_dict(), "version": E.RESULT_VERSION,
+               "inputs": E.run_inputs("organism", "organism")}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     assert a.key() == hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert a.inputs()["model"].startswith("organism:") and a.inputs()["data"].startswith("organism:")
 
 
 def test_keys_differ_for_every_field():
@@ -452,3 +467,298 @@ def test_parallel_workers_write_every_run_once(tmp_path):
     with pytest.raises(ValueError, match="picklable"):
         E.run_sweep([spec(coeff=9.0), spec(coeff=8.0)], tmp_path / "x", tiny_bench_factory(), workers=2,
                     progress=False)
+
+
+# ------------------------------------------------------------------- keys follow the content of every input
+QUESTIONS = [{"question": f"Which host does pathogen {i} infect?", "choices": ["bats", "mice", "birds", "pigs"],
+              "answer": i % 4} for i in range(6)]
+
+
+@pytest.fixture()
+def saved(tmp_path, tiny_tokenizer):
+    """A tiny model saved as an HF directory, WMDP-format corpora and question files: a dict of paths."""
+    model, bio, cyber, retain = save_tiny_model_and_corpora(tmp_path, tiny_tokenizer, 140)
+    mcq = {s: write_mcq(QUESTIONS, tmp_path / f"{s}.jsonl") for s in ("bio", "cyber", "general")}
+    return {"model": model, "bio": bio, "cyber": cyber, "retain": retain, **{f"{s}_mcq": p for s, p in mcq.items()}}
+
+
+def files_key(paths: dict, **load) -> str:
+    data = E.data_from_files({"bio": paths["bio"], "cyber": paths["cyber"]}, paths["retain"],
+                             {s: paths[f"{s}_mcq"] for s in ("bio", "cyber", "general")}, **load)
+    return E.RunSpec("rmu", layer=2, steps=4, coeff=5.0, model=str(paths["model"]), data=data.name).key()
+
+
+def edit_text(path: Path) -> None:
+    """One word added to the fourth text of a corpus file (a JSON line's "text" or a raw line), in place."""
+    lines = path.read_text().splitlines()
+    try:
+        record = json.loads(lines[3])
+    except ValueError:
+        record = None
+    changed = lines[3] + " virus" if not isinstance(record, dict) else json.dumps({**record,
+                                                                                    "text": record["text"] + " virus"})
+    path.write_text("\n".join(lines[:3] + [changed] + lines[4:]) + "\n")
+
+
+@pytest.mark.parametrize("changed", ["bio", "cyber", "retain", "bio_mcq", "general_mcq", "weights", "config"])
+def test_a_changed_input_gives_a_new_key(saved, tiny_tokenizer, changed):
+    before = files_key(saved)
+    assert files_key(saved) == before  # stable while nothing changes
+    if changed == "weights":  # same architecture and file size, other values
+        tiny_llama(len(tiny_tokenizer), n_layers=4, seed=1).save_pretrained(saved["model"])
+    elif changed == "config":
+        cfg = json.loads((saved["model"] / "config.json").read_text())
+        (saved["model"] / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-5}))
+    elif changed.endswith("_mcq"):
+        records = [dict(q) for q in QUESTIONS]
+        records[0]["answer"] = 3
+        write_mcq(records, saved[changed])
+    else:
+        edit_text(saved[changed])
+    assert files_key(saved) != before
+
+
+def test_identical_copies_under_other_names_share_keys_and_the_format_counts(saved, tmp_path):
+    """Keys hash what was loaded, not file names: a copy of the same data is the same data (its results are
+    shared); reading a file in another format is other data."""
+    before = files_key(saved)
+    copies = dict(saved)
+    for name in ("bio", "cyber", "retain", "general_mcq"):
+        copies[name] = tmp_path / f"copy-of-{saved[name].name}"
+        shutil.copy(saved[name], copies[name])
+    assert files_key(copies) == before
+    assert files_key(saved, forget_format="lines") != before  # bio's JSON lines taken as raw texts
+    assert files_key(saved, min_chars=40) != before
+
+
+def test_the_organisms_files_are_part_of_its_keys(tmp_path, monkeypatch):
+    assets = tmp_path / "assets"
+    shutil.copytree(inputs.ASSETS, assets)
+    s = E.RunSpec("rmu", layer=3, steps=10, coeff=6.0)
+    monkeypatch.setattr(inputs, "ASSETS", assets)
+    before = s.inputs()
+    assert before == E.run_inputs("organism", "organism") and s.key() == E.RunSpec("rmu", layer=3, steps=10,
+                                                                                    coeff=6.0).key()
+    report = json.loads((assets / "build_report.json").read_text())
+    (assets / "build_report.json").write_text(json.dumps({**report, "seed": 1}))  # a rebuilt organism
+    assert s.inputs()["model"] != before["model"] and s.inputs()["data"] == before["data"]
+    key = s.key()
+    edit_text(assets / "data" / "retain-corpus.jsonl")
+    assert s.inputs()["data"] != before["data"] and s.key() != key
+    (assets / "README.md").write_text("notes")  # documentation and hidden files are no input
+    (assets / ".cache").write_text("x")
+    assert s.key() == E.RunSpec("rmu", layer=3, steps=10, coeff=6.0).key()
+
+
+def test_file_digests_are_cached_by_size_mtime_and_inode(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 100)
+    old = time.time() - 60
+    os.utime(f, (old, old))  # settled: cached from now on
+    first = inputs.file_digest(f)
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: reads.append(a[0]) or real_open(*a, **k))
+    assert inputs.file_digest(f) == first and reads == []
+    monkeypatch.undo()
+    f.write_bytes(b"b" * 100)  # same size, new mtime (a file changed in the last 2 s is always read)
+    assert inputs.file_digest(f) != first
+
+
+def sweep_argv(paths: dict, results: Path, *extra: str) -> list[str]:
+    return ["sweep", "--model", str(paths["model"]), "--forget-files", f"bio={paths['bio']}",
+            f"cyber={paths['cyber']}", "--retain-file", str(paths["retain"]), "--mcq",
+            *(f"{s}={paths[f'{s}_mcq']}" for s in ("bio", "cyber", "general")), "--experiment", "table1",
+            "--layer", "2", "--steps", "2", "--seeds", "0", "--results", str(results), "--no-progress", *extra]
+
+
+def test_a_sweep_rerun_after_the_data_changed_recomputes(saved, tmp_path, counting, capsys):
+    results = tmp_path / "runs"
+    assert main(sweep_argv(saved, results)) == 0
+    n = len(counting)
+    assert n > 0 and main(sweep_argv(saved, results)) == 0 and len(counting) == n  # unchanged: all reused
+    edit_text(saved["bio"])
+    edit_text(saved["retain"])
+    capsys.readouterr()
+    assert main(sweep_argv(saved, results)) == 0
+    assert len(counting) == 2 * n and f"ran {n}, skipped 0" in capsys.readouterr().out
+    assert len(list(results.glob("*.json"))) == 2 * n  # the old results stay, under the old data's keys
+
+
+def test_sweep_forget_format_flag(saved, tmp_path, counting, capsys):
+    assert main(sweep_argv(saved, tmp_path / "a", "--forget-format", "lines")) == 0
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "a").glob("*.json")]
+    auto = E.data_from_files({"bio": saved["bio"], "cyber": saved["cyber"]}, saved["retain"],
+                             {s: saved[f"{s}_mcq"] for s in ("bio", "cyber", "general")})
+    lines = E.data_from_files({"bio": saved["bio"], "cyber": saved["cyber"]}, saved["retain"],
+                              {s: saved[f"{s}_mcq"] for s in ("bio", "cyber", "general")}, forget_format="lines")
+    assert {r["spec"]["data"] for r in rows} == {lines.name} != {auto.name}
+    assert lines.forget["bio"][0].startswith('{"text"')
+    with pytest.raises(SystemExit):
+        main(["sweep", "--results", str(tmp_path), "--forget-format", "csv"])
+    assert main(["sweep", "--results", str(tmp_path), "--forget-format", "lines", "--list"]) == 2
+    assert "--forget-format: only for --model PATH" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- incomplete result files
+@pytest.mark.parametrize("field", [("retain_loss",), ("base", "accuracy", "general"), ("alignment", "bio", "cos_u_mean"),
+                                   ("topics",), ("forget_norm", "cyber", "final")])
+def test_an_incomplete_result_file_is_reported_and_recomputed(tmp_path, counting, field):
+    specs = grid(3)
+    E.run_sweep(specs, tmp_path, bench=None, progress=False)
+    path = tmp_path / f"{specs[1].key()}.json"
+    row = json.loads(path.read_text())
+    node = row
+    for part in field[:-1]:
+        node = node[part]
+    del node[field[-1]]
+    path.write_text(json.dumps(row))
+    name = ".".join(field)
+    with pytest.warns(UserWarning) as caught:
+        frame = E.load_results(tmp_path, specs)  # the merge goes on without it
+    assert sorted(frame["key"]) == sorted(s.key() for s in specs if s is not specs[1])
+    messages = [str(w.message) for w in caught]
+    assert sum(path.name in m for m in messages) == 1 and f"{path} lacks the field '{name}': skipped" in messages[0]
+    assert "1 of 3 runs have no result" in messages[1]
+    with pytest.warns(UserWarning, match=f"{path.name} lacks the field '{name}': the run is recomputed"):
+        outcome = E.run_sweep(specs, tmp_path, bench=None, progress=False)
+    assert (outcome.ran, outcome.skipped) == (1, 2) and counting[-1] == specs[1].key()
+    assert E.result_problem(json.loads(path.read_text())) is None
+    assert len(E.load_results(tmp_path, specs)) == 3
+
+
+def test_unreadable_and_foreign_result_files_are_recomputed(tmp_path, counting):
+    specs = grid(2)
+    E.run_sweep(specs, tmp_path, bench=None, progress=False)
+    (tmp_path / f"{specs[0].key()}.json").write_text("[1, 2]")
+    (tmp_path / f"{specs[1].key()}.json").write_text(json.dumps(fake_row(grid(3)[2])))
+    with pytest.warns(UserWarning) as caught:
+        assert E.run_sweep(specs, tmp_path, bench=None, progress=False).ran == 2
+    text = " ".join(str(w.message) for w in caught)
+    assert "holds a JSON list" in text and f"holds the result of run {grid(3)[2].key()!r}" in text
+    assert E.result_problem(None) and E.result_problem({"key": "k", "spec": {}, "status": "nonfinite"}) is None
+
+
+# --------------------------------------------------------------------- parallel sweeps on a model path
+def test_workers_with_a_model_path(saved, tmp_path, capsys):
+    """``--workers 2 --model PATH``: the workbench factory pickles (a module-level function and plain values)."""
+    results = tmp_path / "runs"
+    assert main(sweep_argv(saved, results, "--workers", "2", "--threads", "1")) == 0
+    out = capsys.readouterr().out
+    frame = E.load_results(results)
+    assert "ran 8, skipped 0" in out and len(frame) == 8 and (frame["status"] == "ok").all()
+    data = E.data_from_files({"bio": saved["bio"], "cyber": saved["cyber"]}, saved["retain"],
+                             {s: saved[f"{s}_mcq"] for s in ("bio", "cyber", "general")})
+    factory = pickle.loads(pickle.dumps(functools.partial(model_workbench, str(saved["model"]), data, "auto")))
+    assert factory().data.name == data.name == frame["data"].iloc[0]
+
+
+SLOW_SWEEP = textwrap.dedent("""
+    import functools, os, sys
+    from pathlib import Path
+    from rmu_analysis import experiments as E
+
+    def bench(marks):
+        built = E.Workbench.load("organism")
+        Path(marks, str(os.getpid())).touch()  # this worker is about to train
+        return built
+
+    if __name__ == "__main__":
+        results, marks = sys.argv[1:3]
+        ev = E.EvalSettings(questions=4, confidence_prompts=2, confidence_tokens=1, eval_texts=8, scoring="cloze")
+        specs = [E.RunSpec("rmu", layer=l, coeff=c, steps=4000, eval=ev) for l in (3, 5) for c in (5.0, 10.0)]
+        E.run_sweep(specs, results, functools.partial(bench, marks), workers=2, threads=1, progress=False)
+""")
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT], ids=lambda s: s.name)
+def test_workers_end_when_the_sweep_process_ends(tmp_path, sig):
+    script, results, marks = tmp_path / "slow_sweep.py", tmp_path / "runs", tmp_path / "marks"
+    script.write_text(SLOW_SWEEP)
+    marks.mkdir()
+    parent = subprocess.Popen([sys.executable, str(script), str(results), str(marks)], stderr=subprocess.PIPE,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(marks.iterdir())) < 2 and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [int(p.name) for p in marks.iterdir()]
+        assert len(workers) == 2 and parent.poll() is None, parent.stderr.read().decode()[-2000:]
+        time.sleep(1.0)  # both are training (4000 steps: minutes)
+        parent.send_signal(sig)
+        parent.wait(30)
+        deadline = time.monotonic() + 10
+        while any(alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(w) for w in workers), f"workers still alive 10 s after {sig.name} of the sweep"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for w in [int(p.name) for p in marks.iterdir()]:
+            if alive(w):
+                os.kill(w, signal.SIGKILL)
+    left = list(results.iterdir()) if results.exists() else []
+    assert all(p.suffix == ".json" and not p.name.startswith(".") for p in left), left  # no temporary files
+    assert all(E.result_problem(json.loads(p.read_text())) is None for p in left)
+
+
+# ---------------------------------------------------------------------------- migration to new keys
+def test_rekey_renames_result_files_to_the_current_keys(tmp_path):
+    rows = [fake_row(s) for s in grid(3)]
+    for i, row in enumerate(rows):  # files under keys of an older formula, without "inputs"
+        old = f"{i:016x}"
+        (tmp_path / f"{old}.json").write_text(json.dumps({**row, "key": old}, indent=2))
+    (tmp_path / "norms.json").write_text(json.dumps({"model": "organism", "data": "organism", "norms": {"3": 8.8}}))
+    (tmp_path / "broken.json").write_text(json.dumps({"key": "x", "spec": rows[0]["spec"]}))
+    done = E.rekey(tmp_path)
+    assert sorted(new for _, new in done.renamed) == sorted(f"{s.key()}.json" for s in grid(3))
+    assert done.unchanged == 0 and [name for name, _ in done.skipped] == ["broken.json"]
+    for s, row in zip(grid(3), rows):
+        migrated = json.loads((tmp_path / f"{s.key()}.json").read_text())
+        assert migrated["key"] == s.key() and migrated["inputs"] == s.inputs()
+        assert {k: v for k, v in migrated.items() if k not in ("key", "inputs")} == \
+            {k: v for k, v in row.items() if k != "key"}  # nothing else changed: no run was trained
+    assert not any((tmp_path / f"{i:016x}.json").exists() for i in range(3))
+    assert json.loads((tmp_path / "norms.json").read_text())["inputs"] == E.run_inputs("organism", "organism")
+    with pytest.warns(UserWarning, match="broken.json lacks the field 'topics'"):
+        assert len(E.load_results(tmp_path, grid(3))) == 3
+    assert E.run_sweep(grid(3), tmp_path, None, progress=False).ran == 0
+    assert E.rekey(tmp_path) == E.Rekeyed(renamed=(), unchanged=3, skipped=(("broken.json", done.skipped[0][1]),))
+    # interrupted after writing the new file: running again removes the old one
+    shutil.copy(tmp_path / f"{grid(3)[0].key()}.json", tmp_path / "0000000000000009.json")
+    again = E.rekey(tmp_path)
+    assert again.renamed == (("0000000000000009.json", f"{grid(3)[0].key()}.json"),)
+    assert not (tmp_path / "0000000000000009.json").exists()
+    # a different result already under the new key is left alone
+    (tmp_path / "000000000000000a.json").write_text(json.dumps({**rows[1], "key": "000000000000000a",
+                                                               "retain_loss": 9.0}))
+    assert "already holds another result" in dict(E.rekey(tmp_path).skipped)["000000000000000a.json"]
+    assert (tmp_path / "000000000000000a.json").exists()
+
+
+def test_plan_norms_are_measured_again_when_the_inputs_changed(tmp_path, monkeypatch):
+    plan = organism_plan(quick=True)
+    stamp = E.run_inputs(plan.model, plan.data)
+    norms = {"model": "organism", "data": "organism", "norms": {"3": 8.8, "11": 24.7}}
+
+    def measured(*args):
+        raise RuntimeError("measured")
+
+    monkeypatch.setattr("rmu_analysis.experiments.plans.forget_norms", measured)
+    (tmp_path / "norms.json").write_text(json.dumps({**norms, "inputs": stamp}))
+    assert E.plan_norms(plan, lambda: None, tmp_path) == {3: 8.8, 11: 24.7}
+    for cached in (norms, {**norms, "inputs": {**stamp, "model": "organism:0000"}}):
+        (tmp_path / "norms.json").write_text(json.dumps(cached))
+        with pytest.raises(RuntimeError, match="measured"):
+            E.plan_norms(plan, lambda: None, tmp_path)

@@ -1,16 +1,23 @@
 """Running sweeps: :func:`run_one` trains one :class:`~.specs.RunSpec` with the engine, evaluates it and returns one
 JSON-ready dict; :func:`run_sweep` runs (a shard of) a grid, writes each finished run atomically to
-``<out>/<spec.key()>.json`` and skips runs whose file exists, so an interrupted sweep resumes and ``--shard i/n``
-jobs can share one directory; with ``workers > 1`` in several processes.
+``<out>/<spec.key()>.json`` and skips runs whose file holds a complete result, so an interrupted sweep resumes and
+``--shard i/n`` jobs can share one directory; with ``workers > 1`` in several processes, which end when the sweep's
+process ends, however it ends.
 
 Seeds: ``seed`` draws u (as the reference does) *and* shuffles the order of the training texts, so the
 output-space baselines (which draw nothing) also vary with it.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -29,7 +36,7 @@ from ..models import hidden_size, model_device
 from ..unlearning import NonFiniteLossError, UnlearnResult, unlearn
 from ..unlearning.common import draw_control_vectors
 from .measure import measure_outputs, measure_representations
-from .results import flatten_result
+from .results import flatten_result, result_problem
 from .specs import RESULT_VERSION, STEERING, RunSpec
 from .workbench import Workbench, training_texts
 
@@ -67,7 +74,7 @@ def run_one(spec: RunSpec, bench: Workbench) -> dict[str, Any]:
     forget_train, retain_train = training_texts(bench, spec)
     _, _, forget_eval, retain_eval = bench.split(spec.eval, spec.seed)
     row: dict[str, Any] = {"key": spec.key(), "spec": spec.to_dict(), "config": config.to_dict(),
-                           "topics": list(bench.data.topics), "version": RESULT_VERSION}
+                           "topics": list(bench.data.topics), "version": RESULT_VERSION, "inputs": spec.inputs()}
     steering = spec.method in STEERING
     try:
         with warnings.catch_warnings():
@@ -149,11 +156,22 @@ def shard_specs(specs: Iterable[RunSpec], shard: tuple[int, int] | str | None = 
 
 
 def is_finished(path: Path, key: str) -> bool:
-    """Whether ``path`` holds the finished result of run ``key``."""
+    """Whether ``path`` holds the complete result of run ``key``. A file that is there but unreadable, incomplete
+    (``results.result_problem``) or another run's is reported in a warning naming it: the run is recomputed."""
     try:
-        return json.loads(path.read_text()).get("key") == key
-    except (OSError, ValueError):
+        row = json.loads(path.read_text())
+    except FileNotFoundError:
         return False
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"{path} cannot be read ({exc}): the run is recomputed", stacklevel=2)
+        return False
+    problem = result_problem(row)
+    if problem is None and row.get("key") != key:
+        problem = f"holds the result of run {row.get('key')!r}, not {key!r}"
+    if problem is not None:
+        warnings.warn(f"{path} {problem}: the run is recomputed", stacklevel=2)
+        return False
+    return True
 
 
 def run_sweep(specs: Iterable[RunSpec], out_dir: str | Path, bench: Workbench | Callable[[], Workbench] | None, *,
@@ -195,19 +213,80 @@ def run_sweep(specs: Iterable[RunSpec], out_dir: str | Path, bench: Workbench | 
 
 
 _WORKER: dict[str, Any] = {}
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _worker_init(factory: Callable[[], Workbench], threads: int) -> None:
+class _SweepEnded(BaseException):
+    """Raised in a worker when the sweep's process ended: unwinds the run in progress (its temporary file is
+    removed, no partial result is left), then the worker exits."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if _WORKER.get("ending"):  # a second SIGTERM (the kernel's and the watchdog's) must not cut the unwinding short
+        return
+    _WORKER["ending"] = True
+    if _WORKER.get("running"):
+        raise _SweepEnded(signum)
+    os._exit(128 + signum)
+
+
+def _watch_parent(parent: int, interval: float = 0.5, grace: float = 10.0) -> None:
+    """Poll whether ``parent`` is still this process's parent; when it is not (it ended: the process was
+    re-parented), send SIGTERM to this process, and after ``grace`` seconds end it outright."""
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace)
+    os._exit(1)
+
+
+def _end_with_parent(parent: int) -> None:
+    """Make this worker end when process ``parent`` (the sweep) ends, by SIGTERM, SIGINT or SIGKILL: on Linux the
+    kernel sends SIGTERM at once (``prctl(PR_SET_PDEATHSIG)``); everywhere a watchdog thread notices within half a
+    second. SIGTERM unwinds the run in progress and exits. SIGINT (Ctrl-C reaches the whole process group) is
+    left to the parent, which stops the workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+    if os.getppid() != parent:  # the parent ended before the signal was asked for
+        os._exit(128 + signal.SIGTERM)
+
+
+def _worker_init(factory: Callable[[], Workbench], threads: int, parent: int) -> None:
+    _end_with_parent(parent)
     torch.set_num_threads(threads)
     _WORKER["factory"] = factory
 
 
 def _worker_run(group: list[tuple[RunSpec, Path]]) -> int:
-    if "bench" not in _WORKER:
-        _WORKER["bench"] = _WORKER["factory"]()
-    for spec, path in group:
-        atomic_write_json(path, run_one(spec, _WORKER["bench"]))
+    try:
+        _WORKER["running"] = True
+        if "bench" not in _WORKER:
+            _WORKER["bench"] = _WORKER["factory"]()
+        for spec, path in group:
+            atomic_write_json(path, run_one(spec, _WORKER["bench"]))
+    except _SweepEnded as ended:
+        os._exit(128 + ended.args[0])
+    finally:
+        _WORKER["running"] = False
     return len(group)
+
+
+def _stop(pool: ProcessPoolExecutor, timeout: float = 10.0) -> None:
+    """End the pool's workers now (SIGTERM: each unwinds its run, leaving no partial file), not after their runs."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # the executor keeps no public list
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        with contextlib.suppress(Exception):
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
 
 
 def _run_parallel(todo: list[tuple[RunSpec, Path]], bench: Any, workers: int, threads: int, bar) -> None:
@@ -220,11 +299,16 @@ def _run_parallel(todo: list[tuple[RunSpec, Path]], bench: Any, workers: int, th
         g = list(g)
         groups += [g[i: i + size] for i in range(0, len(g), size)]
     groups.sort(key=len, reverse=True)  # longest first
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(bench, threads)) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                               initargs=(bench, threads, os.getpid()))
+    try:
         futures = [pool.submit(_worker_run, g) for g in groups]
         for f in as_completed(futures):
             bar.update(f.result())
+    except BaseException:  # Ctrl-C, a failed run, SIGTERM turned into an exception: stop, do not wait
+        _stop(pool)
+        raise
+    pool.shutdown(wait=True)
 
 
 def rerun_check(specs: Iterable[RunSpec], committed: pd.DataFrame, bench: Workbench,
