@@ -23,7 +23,8 @@ from .unlearning.config import AdaptiveRMUConfig, RMUConfig
 
 __all__ = ["PRESETS", "PLANS", "ZEPHYR", "organism_plan", "model_plan", "preset"]
 
-#: The paper's Zephyr-7B recipe: the config defaults (one place), trained blocks l−2..l, forget lengths 512 / 768.
+#: The paper's Zephyr-7B recipe: the config defaults (one place), trained blocks l−2..l, forget lengths 512 / 768
+#: (500 steps as in the paper; WMDP's released model used 150).
 ZEPHYR = RMUConfig(trained_layers=(5, 6, 7), forget_max_length=(512, 768))
 _ZEPHYR_BETA = AdaptiveRMUConfig().beta
 _ORGANISM = {"layer": 3, "alpha": 100.0, "lr": 1e-2, "batch_size": 4, "steps": 200}

@@ -22,10 +22,6 @@ def tiny_tokenizer():
     return testing.tiny_tokenizer()
 
 
-#: A random-initialised tiny Llama (``rmu_analysis.testing.tiny_llama``).
-make_tiny_llama = testing.tiny_llama
-
-
 @pytest.fixture()
 def tiny_llama(tiny_tokenizer):
     return testing.tiny_llama(len(tiny_tokenizer), tokenizer=tiny_tokenizer)

@@ -35,13 +35,13 @@ from rmu_analysis.confidence import measure_confidence
 from rmu_analysis.data import DataFormatError, load_forget_corpus, load_mcq, load_text_corpus, write_jsonl
 from rmu_analysis.evaluation import evaluate_mcq
 from rmu_analysis.models import load_model
+from rmu_analysis.testing import tiny_llama as make_tiny_llama
 from rmu_analysis.unlearning import (
     AdaptiveRMUConfig, GAConfig, GradDiffConfig, NPOConfig, RMUConfig, prepare_corpora, save_unlearned, unlearn,
 )
 from rmu_analysis.unlearning import cli as unlearn_cli
 from rmu_analysis.unlearning.common import sequence_lengths
 
-from conftest import make_tiny_llama
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 WORDS = "pathogen host bats mice birds virus infect city river Elm people text".split()
