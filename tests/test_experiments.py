@@ -687,8 +687,12 @@ def test_workers_end_when_the_sweep_process_ends(tmp_path, sig):
     script, results, marks = tmp_path / "slow_sweep.py", tmp_path / "runs", tmp_path / "marks"
     script.write_text(SLOW_SWEEP)
     marks.mkdir()
+    # a process started in the background (nohup, `cmd &` in a script, some CI runners) inherits SIGINT as
+    # ignored, and Python then never raises KeyboardInterrupt: give the sweep the default disposition, as a terminal
+    # would
     parent = subprocess.Popen([sys.executable, str(script), str(results), str(marks)], stderr=subprocess.PIPE,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while len(list(marks.iterdir())) < 2 and parent.poll() is None and time.monotonic() < deadline:
