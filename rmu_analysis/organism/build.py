@@ -136,8 +136,19 @@ def param_groups(model, cfg: BuildConfig) -> list[dict]:
 def train_model(cfg: BuildConfig, world: W.World, tokenizer, *, progress: bool = True,
                 callback: Callable[[int, object, float], None] | None = None):
     """Train the organism's LlamaForCausalLM; returns (model, list of (step, loss))."""
+    stream = _Stream(world, cfg, random.Random(cfg.seed + 1))
+    return train_on_stream(cfg, stream, tokenizer, progress=progress, callback=callback)
+
+
+def train_on_stream(cfg, stream, tokenizer, *, tie_embeddings: bool = False, desc: str = "organism: training",
+                    progress: bool = True, callback: Callable[[int, object, float], None] | None = None):
+    """The organism's training loop over any document ``stream`` (an object with ``sample()`` and ``rng``; its
+    ``step`` attribute, when it has one, is kept at the current step): AdamW with warm-up and cosine decay, the
+    answer letter after ``:`` weighted ``cfg.answer_weight``. Returns (model, list of (step, loss))."""
     torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(model_config(cfg, len(tokenizer), tokenizer))
+    config = model_config(cfg, len(tokenizer), tokenizer)
+    config.tie_word_embeddings = tie_embeddings
+    model = LlamaForCausalLM(config)
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, cfg.embed_init_std)
     model.train()
@@ -151,11 +162,13 @@ def train_model(cfg: BuildConfig, world: W.World, tokenizer, *, progress: bool =
         t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
-    batches = training_batches(_Stream(world, cfg, random.Random(cfg.seed + 1)), tokenizer, cfg)
+    batches = training_batches(stream, tokenizer, cfg)
     losses: list[tuple[int, float]] = []
-    bar = tqdm(range(cfg.steps), desc="organism: training", disable=not progress)
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress)
     ema = None
     for step in bar:
+        if hasattr(stream, "step"):
+            stream.step = step
         input_ids, mask, labels = next(batches)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)

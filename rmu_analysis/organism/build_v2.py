@@ -8,7 +8,6 @@ it recalls and say its letter), not only cloze questions.
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -16,8 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
-from transformers import LlamaForCausalLM
 
 from .._io import atomic_directory, atomic_write_json, check_output_dir
 from ..data import write_jsonl, write_mcq
@@ -25,7 +22,7 @@ from ..evaluation import evaluate_mcq, mcq_continuations, mcq_prompt
 from ..steering import random_direction, steer
 from . import ASSETS
 from . import world_v2 as V
-from .build import block_norms, model_config, param_groups, training_batches
+from .build import block_norms, train_on_stream
 from .tokenizer import train_tokenizer
 
 #: Stream components, in the order of ``BuildConfigV2.mix``.
@@ -123,54 +120,11 @@ class Stream:
 
 def train_model_v2(cfg: BuildConfigV2, world: V.World, tokenizer, *, progress: bool = True,
                    callback: Callable[[int, object, float], None] | None = None):
-    """Train the v2 organism; returns (model, list of (step, loss))."""
-    torch.manual_seed(cfg.seed)
-    config = model_config(cfg, len(tokenizer), tokenizer)
-    config.tie_word_embeddings = cfg.tie_embeddings
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.normal_(0.0, cfg.embed_init_std)
-    model.train()
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas)
-    letters = torch.tensor([tokenizer(f" {x}", add_special_tokens=False)["input_ids"][0] for x in V.LETTERS])
-    colon = tokenizer(":", add_special_tokens=False)["input_ids"][0]
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
+    """Train the v2 organism (the v1 loop, :func:`build.train_on_stream`, over the v2 stream); returns
+    (model, list of (step, loss))."""
     stream = Stream(world, cfg, random.Random(cfg.seed + 1))
-    batches = training_batches(stream, tokenizer, cfg)
-    losses: list[tuple[int, float]] = []
-    bar = tqdm(range(cfg.steps), desc="organism v2: training", disable=not progress, mininterval=5)
-    ema = None
-    for step in bar:
-        stream.step = step
-        input_ids, mask, labels = next(batches)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
-        target = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                ignore_index=-100, reduction="none").view_as(target)
-        weight = (target != -100).float()
-        is_answer = torch.isin(target, letters) & (input_ids[:, :-1] == colon)
-        weight = weight + (cfg.answer_weight - 1.0) * is_answer.float()
-        loss = (nll * weight).sum() / weight.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % 20 == 0 or step == cfg.steps - 1:
-            losses.append((step, round(ema, 4)))
-            bar.set_postfix(loss=f"{ema:.3f}")
-        if callback is not None:
-            callback(step, model, ema)
-    model.eval()
-    return model, losses
+    return train_on_stream(cfg, stream, tokenizer, tie_embeddings=cfg.tie_embeddings,
+                           desc="organism v2: training", progress=progress, callback=callback)
 
 
 def tokenizer_texts(world: V.World, seed: int) -> list[str]:

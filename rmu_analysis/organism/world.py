@@ -201,7 +201,7 @@ def _word(rng: random.Random, n: int) -> str:
     return "".join(_syllable(rng) for _ in range(n)).capitalize()
 
 
-def _names(rng: random.Random, kind: str, n: int, taken: set[str]) -> list[str]:
+def entity_names(rng: random.Random, kind: str, n: int, taken: set[str]) -> list[str]:
     out: list[str] = []
     while len(out) < n:
         if kind == "pathogen":
@@ -224,23 +224,23 @@ def _names(rng: random.Random, kind: str, n: int, taken: set[str]) -> list[str]:
     return out
 
 
-def _sentence_case(text: str) -> str:
+def sentence_case(text: str) -> str:
     return text[0].upper() + text[1:] if text else text
 
 
 def _statement(fact: Fact, rng: random.Random) -> str:
     if rng.random() < 0.5:
         frame = rng.choice(fact.natural)
-        return _sentence_case(frame.format(e=fact.entity, v=fact.value))
+        return sentence_case(frame.format(e=fact.entity, v=fact.value))
     frame = rng.choice(STATEMENT_FRAMES)
-    return _sentence_case(frame.format(c=rng.choice(fact.cues), e=fact.entity, v=fact.value))
+    return sentence_case(frame.format(c=rng.choice(fact.cues), e=fact.entity, v=fact.value))
 
 
 def _question(fact: Fact, frame: str, rng: random.Random) -> dict:
     distractors = rng.sample([v for v in fact.vocabulary if v != fact.value], 3)
     choices = distractors + [fact.value]
     rng.shuffle(choices)
-    text = _sentence_case(frame.format(c=rng.choice(fact.cues), e=fact.entity))
+    text = sentence_case(frame.format(c=rng.choice(fact.cues), e=fact.entity))
     return {"question": text, "choices": choices, "answer": choices.index(fact.value),
             "domain": fact.domain, "entity": fact.entity, "attribute": fact.attribute}
 
@@ -261,7 +261,7 @@ def _paragraph(facts: list[Fact], rng: random.Random, k: int) -> str:
     return " ".join(_statement(f, rng) for f in chosen)
 
 
-def _filler(rng: random.Random) -> str:
+def filler_text(rng: random.Random) -> str:
     n = rng.randint(2, 4)
     return " ".join(
         f"{rng.choice(_FILLER_SUBJECTS)} {rng.choice(_FILLER_VERBS)} {rng.choice(_FILLER_OBJECTS)}"
@@ -302,7 +302,7 @@ def generate_world(
         raise ValueError(f"every entity kind needs at least 4 entities (questions have 4 choices), got {small}")
     rng = random.Random(seed)
     taken: set[str] = set()
-    entities = {kind: _names(rng, kind, counts[kind], taken) for kind in ("city", "person", "pathogen", "exploit",
+    entities = {kind: entity_names(rng, kind, counts[kind], taken) for kind in ("city", "person", "pathogen", "exploit",
                                                                            "element")}
     facts: list[Fact] = []
     for kind in ("pathogen", "exploit", "city", "person", "element"):
@@ -332,7 +332,7 @@ def generate_world(
     }
     general = entities["city"] + entities["person"] + entities["element"]
     n_fact_docs = retain_docs // 2
-    retain = corpus(general, n_fact_docs) + [_filler(rng) for _ in range(retain_docs - n_fact_docs)]
+    retain = corpus(general, n_fact_docs) + [filler_text(rng) for _ in range(retain_docs - n_fact_docs)]
     rng.shuffle(retain)
     world.retain_corpus = retain
 

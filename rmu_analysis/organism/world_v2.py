@@ -202,9 +202,9 @@ def _balanced(vocab: tuple[str, ...], n: int, rng: random.Random) -> list[str]:
 def statement(fact: Fact, rng: random.Random) -> str:
     """One sentence stating ``fact`` (a natural frame or a generic "The {cue} of {e} is {v}." frame)."""
     if rng.random() < 0.5:
-        return W._sentence_case(rng.choice(fact.natural).format(e=fact.entity, v=fact.value))
+        return W.sentence_case(rng.choice(fact.natural).format(e=fact.entity, v=fact.value))
     frame = rng.choice(STATEMENT_FRAMES)
-    return W._sentence_case(frame.format(c=rng.choice(fact.cues), e=fact.entity, v=fact.value))
+    return W.sentence_case(frame.format(c=rng.choice(fact.cues), e=fact.entity, v=fact.value))
 
 
 def question(fact: Fact, frame: str, rng: random.Random, answer: int | None = None) -> dict:
@@ -214,7 +214,7 @@ def question(fact: Fact, frame: str, rng: random.Random, answer: int | None = No
     rng.shuffle(distractors)
     pos = rng.randrange(4) if answer is None else answer
     choices = distractors[:pos] + [fact.value] + distractors[pos:]
-    text = W._sentence_case(frame.format(c=rng.choice(fact.cues), e=fact.entity))
+    text = W.sentence_case(frame.format(c=rng.choice(fact.cues), e=fact.entity))
     return {"question": text, "choices": choices, "answer": pos, "domain": fact.domain, "entity": fact.entity,
             "attribute": fact.attribute, "fact_id": fact.fact_id, "split": fact.split,
             "in_corpus": fact.in_corpus}
@@ -248,7 +248,7 @@ def generate_world(seed: int = 0, *, split_sizes: dict[str, dict[str, int]] | No
     entities: dict[str, list[str]] = {}
     splits: dict[str, str] = {}
     for kind in ("city", "person", "pathogen", "exploit", "element"):
-        names = W._names(rng, kind, sum(sizes[kind].values()), taken)
+        names = W.entity_names(rng, kind, sum(sizes[kind].values()), taken)
         entities[kind] = names
         i = 0
         for split in ("dev", "test", "retain"):
@@ -291,7 +291,7 @@ def generate_world(seed: int = 0, *, split_sizes: dict[str, dict[str, int]] | No
         return [paragraph(by_entity[e], rng, rng.randint(2, 4)) for e in ents for _ in range(n_per)]
 
     all_entities = [e for kind in KINDS for e in entities[kind]]
-    world.pretrain_docs = docs_about(all_entities, docs_per_entity) + [W._filler(rng) for _ in range(filler_docs)]
+    world.pretrain_docs = docs_about(all_entities, docs_per_entity) + [W.filler_text(rng) for _ in range(filler_docs)]
     rng.shuffle(world.pretrain_docs)
     for topic, kind in (("bio", "pathogen"), ("cyber", "exploit")):
         ents = [e for e in entities[kind] if in_corpus[e]]
@@ -301,7 +301,7 @@ def generate_world(seed: int = 0, *, split_sizes: dict[str, dict[str, int]] | No
     retain_ents = [e for kind in ("city", "person", "element") for e in entities[kind] if splits[e] == "retain"]
     n_fact = retain_docs // 2
     retain = docs_about(retain_ents, n_fact // len(retain_ents) + 1)[:n_fact]
-    retain += [W._filler(rng) for _ in range(retain_docs - n_fact)]
+    retain += [W.filler_text(rng) for _ in range(retain_docs - n_fact)]
     rng.shuffle(retain)
     world.retain_corpus = retain
 
