@@ -33,7 +33,7 @@ from .data import LETTERS, normalize_mcq_record
 from .models import ensure_pad_token, forward_params, model_device, resolve_tokenizer
 from .stats import N_BOOT, Interval, PairedDifference, accuracy_interval, paired_difference
 
-__all__ = ["MCQResult", "evaluate_mcq", "mcq_prompt", "mcq_continuations", "format_subject", "question_records",
+__all__ = ["MCQResult", "evaluate_mcq", "score_continuations", "mcq_prompt", "mcq_continuations", "format_subject", "question_records",
            "subject_list", "tokenizer_adds_bos", "encode_choices", "record_clusters", "WMDP_SUBJECTS"]
 
 _HEADER = "The following are multiple choice questions (with answers)"
@@ -325,47 +325,29 @@ def record_clusters(records: Sequence[dict], cluster_key: str | Sequence[str] | 
     return tuple(tuple(r[k] for k in keys) for r in recs)
 
 
-def evaluate_mcq(
+def score_continuations(
     model: nn.Module,
     tokenizer,
-    records: Sequence[dict],
-    subject: str | Sequence[str | None] | None = None,
+    contexts: Sequence[str],
+    continuations: Sequence[Sequence[str]],
     *,
-    scoring: str = "letter",
-    normalize: bool = False,
     batch_size: int = 16,
     max_length: int | None = None,
     add_bos: bool | None = None,
     progress: bool = False,
-    cluster_key: str | Sequence[str] | None = None,
-) -> MCQResult:
-    """Zero-shot multiple-choice accuracy as lm-evaluation-harness computes it (the paper's Table 1 metric).
-
-    ``records``: question records (``load_mcq``). ``subject``: the "about {subject}" of the letter prompt — a
-    str, None (omitted), or one per record (e.g. ``[r["subject"] for r in records]`` for MMLU). ``scoring``:
-    ``"letter"`` (" A".." D") or ``"cloze"`` (" " + choice). ``normalize``: predict from the per-character
-    log-likelihood instead of the sum. ``batch_size``: sequences per forward pass. ``max_length``: longest
-    input in tokens (default: the model's maximum; longer inputs lose tokens on the left, as in lm-eval); a value
-    beyond the model's positions is cut to them, with a warning.
-    ``add_bos``: put the BOS token first (None: when the tokenizer adds one itself).
-    ``cluster_key``: the record field(s) naming the fact each question asks about, e.g. ``("entity", "attribute")``
-    (None: ``"fact_id"`` when every record has it, else no clusters; ``()``: none); see :meth:`MCQResult.interval`.
-    The model runs in eval mode under ``torch.no_grad()``; its training flag is restored afterwards.
-    """
-    if scoring not in ("letter", "cloze"):
-        raise ValueError(f"scoring must be 'letter' or 'cloze', got {scoring!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
-        raise ValueError(f"max_length must be None or an int of at least 2 tokens, got {max_length!r}")
-    recs = question_records(records)
-    subjects = subject_list(subject, len(recs))
-    clusters = record_clusters(recs, cluster_key)
+    desc: str = "scoring",
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Summed log-likelihood of each of the four ``continuations[i]`` after ``contexts[i]``, tokenised and batched as
+    lm-eval does (the module docstring): ``(logliks [n, 4], n_tokens [n, 4], number of inputs cut on the left)``.
+    The one scorer behind :func:`evaluate_mcq`; attacks that change a prompt's text score it here too."""
     tokenizer = resolve_tokenizer(model, tokenizer)
     ensure_pad_token(tokenizer)
     pad_id = tokenizer.pad_token_id
     left = getattr(tokenizer, "padding_side", "right") == "left"
-
+    contexts, conts_text = list(contexts), [list(c) for c in continuations]
+    if len(contexts) != len(conts_text) or any(len(c) != 4 for c in conts_text):
+        raise ValueError(f"need four continuations per context: {len(contexts)} contexts, continuation counts "
+                         f"{sorted({len(c) for c in conts_text})}")
     if add_bos is None:
         add_bos = tokenizer_adds_bos(tokenizer)
     prefix: list[int] = []
@@ -374,8 +356,6 @@ def evaluate_mcq(
             raise ValueError("add_bos=True but the tokenizer has no BOS token: pass add_bos=False")
         prefix = [tokenizer.bos_token_id]
 
-    contexts = [mcq_prompt(r, s, scoring=scoring) for r, s in zip(recs, subjects)]
-    conts_text = [mcq_continuations(r, scoring=scoring) for r in recs]
     pairs = encode_choices(tokenizer, contexts, conts_text, prefix)
     for i, (_, conts) in enumerate(pairs):
         for j, c in enumerate(conts):
@@ -419,13 +399,13 @@ def evaluate_mcq(
         )
 
     order = sorted(range(len(requests)), key=lambda r: -len(requests[r][1]))  # less padding per batch
-    logliks = np.zeros((len(recs), 4), dtype=np.float64)
-    n_tokens = np.zeros((len(recs), 4), dtype=np.int64)
+    logliks = np.zeros((len(contexts), 4), dtype=np.float64)
+    n_tokens = np.zeros((len(contexts), 4), dtype=np.int64)
     device = model_device(model)
     params = forward_params(model)
     batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
     if progress:
-        batches = tqdm(batches, desc=f"evaluate_mcq ({scoring})", unit="batch")
+        batches = tqdm(batches, desc=desc, unit="batch")
 
     was_training = model.training
     model.eval()
@@ -443,6 +423,52 @@ def evaluate_mcq(
                         n_tokens[i, j] = len(t)
     finally:
         model.train(was_training)
+
+    return logliks, n_tokens, truncated
+
+
+def evaluate_mcq(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[dict],
+    subject: str | Sequence[str | None] | None = None,
+    *,
+    scoring: str = "letter",
+    normalize: bool = False,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    add_bos: bool | None = None,
+    progress: bool = False,
+    cluster_key: str | Sequence[str] | None = None,
+) -> MCQResult:
+    """Zero-shot multiple-choice accuracy as lm-evaluation-harness computes it (the paper's Table 1 metric).
+
+    ``records``: question records (``load_mcq``). ``subject``: the "about {subject}" of the letter prompt — a
+    str, None (omitted), or one per record (e.g. ``[r["subject"] for r in records]`` for MMLU). ``scoring``:
+    ``"letter"`` (" A".." D") or ``"cloze"`` (" " + choice). ``normalize``: predict from the per-character
+    log-likelihood instead of the sum. ``batch_size``: sequences per forward pass. ``max_length``: longest
+    input in tokens (default: the model's maximum; longer inputs lose tokens on the left, as in lm-eval); a value
+    beyond the model's positions is cut to them, with a warning.
+    ``add_bos``: put the BOS token first (None: when the tokenizer adds one itself).
+    ``cluster_key``: the record field(s) naming the fact each question asks about, e.g. ``("entity", "attribute")``
+    (None: ``"fact_id"`` when every record has it, else no clusters; ``()``: none); see :meth:`MCQResult.interval`.
+    The model runs in eval mode under ``torch.no_grad()``; its training flag is restored afterwards.
+    """
+    if scoring not in ("letter", "cloze"):
+        raise ValueError(f"scoring must be 'letter' or 'cloze', got {scoring!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
+        raise ValueError(f"max_length must be None or an int of at least 2 tokens, got {max_length!r}")
+    recs = question_records(records)
+    subjects = subject_list(subject, len(recs))
+    clusters = record_clusters(recs, cluster_key)
+    contexts = [mcq_prompt(r, s, scoring=scoring) for r, s in zip(recs, subjects)]
+    conts_text = [mcq_continuations(r, scoring=scoring) for r in recs]
+    logliks, n_tokens, truncated = score_continuations(
+        model, tokenizer, contexts, conts_text, batch_size=batch_size, max_length=max_length, add_bos=add_bos,
+        progress=progress, desc=f"evaluate_mcq ({scoring})",
+    )
 
     if scoring == "letter":
         n_chars = np.ones((len(recs), 4))
