@@ -2,9 +2,10 @@
 
 Measured in this one process, on the organism's bio questions (lettered prompts):
   steps/s        gcg() with the CPU budget (5 tokens, top-k 64, 64 candidates per step) on --questions questions,
-                 per-question strings and one universal string (the time per step covers the gradient pass and
-                 scoring every candidate on every question)
-  batched/serial the same candidates (--questions × 64) scored by suffix_letter_logprobs one sequence per forward
+                 per-question strings and one universal string, for lettered prompts and for the organism's own
+                 scoring (cloze: answers of several tokens cost one row per choice); the time per step covers the
+                 gradient pass and scoring every candidate on every question
+  batched/serial the same candidates (--questions × 64) scored by suffix_choice_logprobs one sequence per forward
                  pass (whole prompts) vs in chunks of 128 (whole prompts, then with the prefix's keys and values
                  cached, as gcg() runs); ratios are serial time / batched time, and the largest difference of the
                  log-probabilities is printed beside them
@@ -19,8 +20,8 @@ import time
 
 import torch
 
-from rmu_analysis.attacks.gcg import GCGConfig, adversarial_prompts, gcg, prefix_cache, suffix_letter_logprobs
-from rmu_analysis.organism import SUBJECTS, load_organism, organism_mcq
+from rmu_analysis.attacks.gcg import GCGConfig, adversarial_prompts, gcg, prefix_cache, suffix_choice_logprobs
+from rmu_analysis.organism import SCORING, SUBJECTS, load_organism, organism_mcq
 
 
 def main() -> None:
@@ -36,15 +37,16 @@ def main() -> None:
     subject = SUBJECTS["bio"]
     print(f"organism, {len(recs)} bio questions, {args.threads} thread(s), torch {torch.__version__}")
 
-    for universal in (False, True):
-        cfg = GCGConfig(steps=args.steps, universal=universal)
-        gcg(model, tok, recs[:1], GCGConfig(steps=1), subject=subject)  # warm-up
-        t0 = time.perf_counter()
-        res = gcg(model, tok, recs, cfg, subject=subject)
-        loop = res.history[-1]["seconds"] - res.history[0]["seconds"]
-        print(f"gcg {'universal   ' if universal else 'per-question'}: {args.steps / loop:6.2f} steps/s "
-              f"({loop / args.steps:.3f} s/step, {len(recs) * cfg.candidates} candidate sequences per step; "
-              f"whole call incl. clean/text evaluation {time.perf_counter() - t0:.1f} s)")
+    for scoring in dict.fromkeys(("letter", SCORING)):
+        for universal in (False, True):
+            cfg = GCGConfig(steps=args.steps, universal=universal, scoring=scoring)
+            gcg(model, tok, recs[:1], GCGConfig(steps=1, scoring=scoring), subject=subject)  # warm-up
+            t0 = time.perf_counter()
+            res = gcg(model, tok, recs, cfg, subject=subject)
+            loop = res.history[-1]["seconds"] - res.history[0]["seconds"]
+            print(f"gcg {scoring:6s} {'universal   ' if universal else 'per-question'}: {args.steps / loop:6.2f} "
+                  f"steps/s ({loop / args.steps:.3f} s/step, {len(recs) * cfg.candidates} candidates per step; "
+                  f"whole call incl. clean/text evaluation {time.perf_counter() - t0:.1f} s)")
 
     init = tok("!", add_special_tokens=False)["input_ids"][0]
     prompts = adversarial_prompts(tok, recs, subject, n_tokens=5, init_id=init)
@@ -57,7 +59,7 @@ def main() -> None:
         times, out = [], None
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            out = suffix_letter_logprobs(model, prompts, suffixes, rows, batch_size=batch_size,
+            out = suffix_choice_logprobs(model, prompts, suffixes, rows, batch_size=batch_size,
                                          cache=cache if use_cache else None)
             times.append(time.perf_counter() - t0)
         return statistics.median(times), out

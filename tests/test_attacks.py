@@ -16,7 +16,7 @@ from rmu_analysis.attacks import (
 )
 from rmu_analysis.attacks.common import COLUMNS
 from rmu_analysis.attacks.gcg import (
-    adversarial_prompts, allowed_tokens, prefix_cache, suffix_letter_logprobs, text_letter_logprobs, token_gradients,
+    adversarial_prompts, allowed_tokens, prefix_cache, suffix_choice_logprobs, text_choice_logprobs, token_gradients,
     wrong_targets,
 )
 from rmu_analysis.attacks.relearn import lm_loss
@@ -50,7 +50,7 @@ def test_gcg_lowers_target_loss_and_keeps_the_best(tiny_llama, tiny_tokenizer):
     assert loss[-1] < loss[0] - 1e-3
     # the kept strings really have the recorded loss (scored again, one at a time)
     prompts = adversarial_prompts(tiny_tokenizer, records(3), n_tokens=3, init_id=res.adv_ids[0][0])
-    logp = suffix_letter_logprobs(tiny_llama, prompts, torch.tensor(res.adv_ids), torch.arange(3), batch_size=1)
+    logp = suffix_choice_logprobs(tiny_llama, prompts, torch.tensor(res.adv_ids), torch.arange(3), batch_size=1)
     nll = -logp.gather(1, prompts.answers[:, None]).mean()
     assert abs(float(nll) - loss[-1]) < 1e-5
     assert all(np.isfinite(h["grad_norm"]) and h["grad_norm"] > 0 for h in res.history)
@@ -67,18 +67,96 @@ def test_batched_candidates_equal_one_at_a_time(tiny_llama, tiny_tokenizer, posi
     rows = torch.randint(0, 5, (24,), generator=g)
     suffixes = torch.randint(3, len(tiny_tokenizer), (24, 4), generator=g)
     cache = prefix_cache(tiny_llama, prompts)
-    batched = suffix_letter_logprobs(tiny_llama, prompts, suffixes, rows, batch_size=24, cache=cache)
-    serial = torch.cat([suffix_letter_logprobs(tiny_llama, prompts, suffixes[i: i + 1], rows[i: i + 1], batch_size=1)
+    batched = suffix_choice_logprobs(tiny_llama, prompts, suffixes, rows, batch_size=24, cache=cache)
+    serial = torch.cat([suffix_choice_logprobs(tiny_llama, prompts, suffixes[i: i + 1], rows[i: i + 1], batch_size=1)
                         for i in range(24)])
-    whole = suffix_letter_logprobs(tiny_llama, prompts, suffixes, rows, batch_size=7)  # no cache, other chunks
+    whole = suffix_choice_logprobs(tiny_llama, prompts, suffixes, rows, batch_size=7)  # no cache, other chunks
     assert (batched - serial).abs().max() <= 1e-5
     assert (whole - serial).abs().max() <= 1e-5
     # and equal to a plain unpadded forward pass of one prompt
     inputs = prompts.full(suffixes[:1], rows[:1])
     ids = inputs["input_ids"][inputs["attention_mask"].bool()][None]
     with torch.no_grad():
-        plain = torch.log_softmax(tiny_llama(ids).logits[0, -1], -1)[prompts.letter_ids]
+        plain = torch.log_softmax(tiny_llama(ids).logits[0, -1], -1)[prompts.read_ids[0]]
     assert (plain - batched[0]).abs().max() <= 1e-5
+
+
+def _reference_cloze(model, tok, rec, suffix_ids):
+    """Summed log-likelihood of each choice after ``question + suffix + "\\nAnswer:"``, one unpadded forward pass per
+    choice, the choice's tokens cut as lm-eval cuts them (an independent re-implementation)."""
+    from rmu_analysis.evaluation import mcq_prompt
+
+    full = mcq_prompt(rec, scoring="cloze")
+    before, after = full[: -len("\nAnswer:")], "\nAnswer:"
+    ctx = tok(full, add_special_tokens=False)["input_ids"]
+    ids = [tok.bos_token_id] + tok(before, add_special_tokens=False)["input_ids"] + list(suffix_ids) + \
+        tok(after, add_special_tokens=False)["input_ids"]
+    out = []
+    for choice in rec["choices"]:
+        cont = tok(full + " " + choice, add_special_tokens=False)["input_ids"][len(ctx):]
+        seq = torch.tensor([ids + cont])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(seq).logits[0].float(), -1)
+        out.append(sum(float(logp[len(ids) - 1 + m, t]) for m, t in enumerate(cont)))
+    return torch.tensor(out)
+
+
+def test_cloze_scores_sum_the_answer_tokens_like_the_evaluation(tiny_llama, tiny_tokenizer):
+    recs = records(5)
+    prompts = adversarial_prompts(tiny_tokenizer, recs, n_tokens=3, init_id=5, scoring="cloze")
+    assert prompts.rows_per_question == 4 and prompts.keep > 1  # multi-token answers: one row per choice
+    g = torch.Generator().manual_seed(1)
+    qs = torch.tensor([0, 3, 1, 4, 2, 3])
+    suffixes = torch.randint(3, len(tiny_tokenizer), (6, 3), generator=g)
+    cached = suffix_choice_logprobs(tiny_llama, prompts, suffixes, qs, batch_size=8,
+                                    cache=prefix_cache(tiny_llama, prompts))
+    whole = suffix_choice_logprobs(tiny_llama, prompts, suffixes, qs, batch_size=3)
+    ref = torch.stack([_reference_cloze(tiny_llama, tiny_tokenizer, recs[q], s.tolist()) for q, s in zip(qs, suffixes)])
+    assert (cached - ref).abs().max() <= 1e-4 and (whole - ref).abs().max() <= 1e-4
+    # a suffix that is the tokens of a text scores as the evaluation scores the question with that text appended
+    text = " virus"
+    suffix = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    joined = [dict(r, question=r["question"] + text) for r in recs]
+    from rmu_analysis import evaluate_mcq
+    from rmu_analysis.evaluation import mcq_prompt
+
+    for r, j in zip(recs, joined):  # the precondition: the text's tokens are the same inside the prompt
+        before = mcq_prompt(r, scoring="cloze")[: -len("\nAnswer:")]
+        assert tiny_tokenizer(mcq_prompt(j, scoring="cloze"), add_special_tokens=False)["input_ids"] == \
+            tiny_tokenizer(before, add_special_tokens=False)["input_ids"] + suffix + \
+            tiny_tokenizer("\nAnswer:", add_special_tokens=False)["input_ids"]
+    p1 = adversarial_prompts(tiny_tokenizer, recs, n_tokens=len(suffix), init_id=5, scoring="cloze")
+    ours = suffix_choice_logprobs(tiny_llama, p1, torch.tensor([suffix] * 5), torch.arange(5))
+    ev = evaluate_mcq(tiny_llama, tiny_tokenizer, joined, scoring="cloze", cluster_key=())
+    assert np.abs(ours.double().numpy() - ev.logliks).max() <= 1e-4
+
+
+def test_gcg_cloze_attacks_the_choice_texts(tiny_llama, tiny_tokenizer):
+    from rmu_analysis import evaluate_mcq
+
+    recs = records(4)
+    res = gcg(tiny_llama, tiny_tokenizer, recs, small(steps=5, scoring="cloze"))
+    loss = [h["loss"] for h in res.history]
+    assert all(b <= a for a, b in zip(loss, loss[1:])) and loss[-1] < loss[0] - 1e-3
+    clean = evaluate_mcq(tiny_llama, tiny_tokenizer, recs, scoring="cloze", cluster_key=())
+    assert np.array_equal(res.clean_correct, clean.correct)  # "accuracy" is the evaluation's cloze accuracy
+    # the kept strings have the recorded loss: −(summed log-likelihood of the right choice's text)
+    prompts = adversarial_prompts(tiny_tokenizer, recs, n_tokens=3, init_id=5, scoring="cloze")
+    logp = suffix_choice_logprobs(tiny_llama, prompts, torch.tensor(res.adv_ids), torch.arange(4), batch_size=4)
+    assert abs(float(-logp.gather(1, prompts.answers[:, None]).mean()) - loss[-1]) < 1e-4
+    assert np.array_equal(res.attacked_correct, logp.argmax(1).numpy() == res.answers)
+    # gradients of the cloze loss: per question, the embedding gradient times Eᵀ
+    g, e = token_gradients(tiny_llama, prompts, torch.tensor(res.adv_ids), batch_size=3)
+    emb = tiny_llama.get_input_embeddings().weight.detach()
+    assert torch.allclose(g, e @ emb.T, atol=1e-5) and float(g.abs().sum()) > 0
+    # the wrong-target control and transfer run in cloze too
+    rep = gcg_attack(tiny_llama, tiny_tokenizer, recs, small(steps=2, scoring="cloze"))
+    assert rep.wrong.config.scoring == "cloze" and (rep.wrong.targets != rep.wrong.answers).all()
+    tr = gcg_transfer(tiny_llama, tiny_tokenizer, recs[:2], records(6)[4:], small(steps=2, scoring="cloze"))
+    ev = evaluate_mcq(tiny_llama, tiny_tokenizer, records(6)[4:], scoring="cloze", cluster_key=())
+    assert np.array_equal(tr.test_clean, ev.correct)
+    with pytest.raises(ValueError, match="scoring"):
+        GCGConfig(scoring="mc2")
 
 
 def test_token_gradients_are_per_question_and_match_the_embedding_gradient(tiny_llama, tiny_tokenizer):
@@ -178,9 +256,7 @@ def test_text_scoring_equals_the_evaluation(tiny_llama, tiny_tokenizer):
     from rmu_analysis.evaluation import mcq_prompt
 
     recs = records(5)
-    prompts = adversarial_prompts(tiny_tokenizer, recs, n_tokens=1, init_id=5)
-    ours = text_letter_logprobs(tiny_llama, tiny_tokenizer, [mcq_prompt(r) for r in recs], prompts.letter_ids,
-                                batch_size=2)
+    ours = text_choice_logprobs(tiny_llama, tiny_tokenizer, [mcq_prompt(r) for r in recs], recs, batch_size=2)
     ref = evaluate_mcq(tiny_llama, tiny_tokenizer, recs, cluster_key=())
     assert np.abs(ours.double().numpy() - ref.logliks).max() <= 1e-5
 

@@ -45,8 +45,7 @@ def add_attack_parser(subparsers) -> argparse.ArgumentParser:
                    help="questions attacked: forget test questions, or general ones for fragility (default 32)")
     p.add_argument("--n-texts", type=int, default=64, help="relearn/ablate: texts used (default 64)")
     p.add_argument("--scoring", choices=("letter", "cloze"), default=None,
-                   help="relearn/probe/ablate/fragility scoring (default: cloze for organism data, else letter); "
-                        "GCG always attacks the lettered prompt")
+                   help="how answers are scored, by every attack (default: cloze for organism data, else letter)")
     p.add_argument("--seed", type=int, default=0)
     # GCG
     p.add_argument("--mode", choices=("per-question", "universal", "transfer"), default="per-question",
@@ -169,12 +168,12 @@ def _check(args) -> None:
             raise ValueError("--attack ablate needs --base (to estimate the mean difference) or --direction FILE")
 
 
-def _gcg_config(args):
+def _gcg_config(args, scoring: str):
     from .gcg import GCGConfig
 
     given = {"steps": args.steps, "n_tokens": args.suffix_tokens, "top_k": args.top_k, "candidates": args.candidates,
              "position": args.position, "batch_size": args.batch_size, "guidance": args.guidance}
-    return GCGConfig(universal=args.mode == "universal", seed=args.seed,
+    return GCGConfig(universal=args.mode == "universal", seed=args.seed, scoring=scoring,
                      **{k: v for k, v in given.items() if v is not None})
 
 
@@ -211,7 +210,7 @@ def run_attack(args) -> int:
     if args.attack == "gcg":
         from .gcg import gcg, gcg_attack, gcg_transfer
 
-        config = _gcg_config(args)
+        config = _gcg_config(args, scoring)
         if args.mode == "transfer":
             result = gcg_transfer(model, tok, dev, test, config, subject=dev_subj, test_subject=test_subj,
                                   method=method, progress=args.progress)

@@ -5,13 +5,17 @@ maps every forget prompt's layer-l state to c·u + ε whatever the tokens, the g
 input tokens carries no signal and GCG's search degrades. Here the attack is run, and the signal it sees is
 measured beside its success.
 
-The prompt is the lettered lm-eval template of :func:`~rmu_analysis.evaluation.mcq_prompt`. ``n_tokens``
-adversarial tokens go **after the choices, right before** ``"\nAnswer:"`` (``position="suffix"``: the end of the
-request, where Zou et al. put theirs), or right before the question text, after the header (``"prefix"``);
-either way the prompt still ends with ``"Answer:"``, so the answer is read exactly as the evaluation reads it.
-Loss = −log p(target letter) at the last position (summed over prompts for a universal string). Everything before
-the adversarial tokens is run once (its keys and values are cached), so a suffix candidate costs only its own
-tokens and ``"\nAnswer:"``.
+The prompt and the answers are those of :func:`~rmu_analysis.evaluation.evaluate_mcq` with the model's scoring
+(``GCGConfig.scoring``): the lettered lm-eval template (answers ``" A"``..``" D"``) or the cloze one
+(``"{question}\nAnswer:"``, answers the choices' texts). ``n_tokens`` adversarial tokens go **right before**
+``"\nAnswer:"`` (``position="suffix"``: after the choices, or after the question in cloze — the end of the request,
+where Zou et al. put theirs), or right before the question text (``"prefix"``: after the lettered header); either
+way the prompt still ends with ``"Answer:"`` and every answer's score is its summed log-likelihood after it, as
+the evaluation scores it, so "accuracy" means what it means in the evaluation. Loss = −(summed log-likelihood of
+the target answer) (summed over prompts for a universal string); an answer of several tokens is scored on its own
+row (prompt + answer but its last token), one-token answers of a question share one row. Everything before the
+adversarial tokens is run once (its keys and values are cached), so a candidate costs only its own tokens,
+``"\nAnswer:"`` and the answer's tokens.
 
 Each step (Zou et al., Alg. 1/2): the gradient of the loss w.r.t. the one-hot matrix of every adversarial
 position (a product with the embedding matrix); the ``top_k`` most negative-gradient tokens per position (special
@@ -22,8 +26,9 @@ increases). Recorded per step: loss, accuracy and target success of the attacked
 gradient the attacker sees (w.r.t. the one-hot tokens and w.r.t. the adversarial embeddings) and how well that
 gradient predicts the candidates' actual loss changes (Spearman correlation, ``grad_corr``).
 
-Targets: ``"correct"`` (the right letter) or ``"wrong"`` (one fixed, seeded random wrong letter per question).
-An attack that knows the answer can teach it, so knowledge *recovered* is success toward the correct letter minus
+Targets: ``"correct"`` (the right answer) or ``"wrong"`` (one fixed, seeded random wrong answer per question);
+success = the target answer scores highest of the four. An attack that knows the answer can teach it, so
+knowledge *recovered* is success toward the correct answer minus
 success toward a wrong one (:func:`gcg_attack`), and :func:`gcg_transfer` optimises one string on dev questions
 and applies it to held-out test questions.
 """
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -39,8 +44,9 @@ import torch
 from torch import nn
 
 from .._batching import cache_kwarg, output_cache
-from ..data import LETTERS
-from ..evaluation import evaluate_mcq, mcq_prompt, subject_list, tokenizer_adds_bos
+from ..evaluation import (
+    encode_choices, evaluate_mcq, mcq_continuations, mcq_prompt, score_continuations, subject_list, tokenizer_adds_bos,
+)
 from ..models import ensure_pad_token, forward_params, model_device, resolve_tokenizer
 from .common import (
     AttackRow, accuracy_ci, check_choice, check_positive_int, check_records, difference_row, interval_row,
@@ -48,12 +54,13 @@ from .common import (
 )
 
 __all__ = ["GCGConfig", "GCGResult", "GCGReport", "GCGTransferResult", "AdversarialPrompts", "gcg", "gcg_attack",
-           "gcg_transfer", "adversarial_prompts", "allowed_tokens", "prefix_cache", "suffix_letter_logprobs",
-           "text_letter_logprobs", "token_gradients", "wrong_targets"]
+           "gcg_transfer", "adversarial_prompts", "allowed_tokens", "prefix_cache", "suffix_choice_logprobs",
+           "text_choice_logprobs", "token_gradients", "wrong_targets"]
 
 POSITIONS = ("suffix", "prefix")
 _ANSWER = "\nAnswer:"
 TARGETS = ("correct", "wrong")
+SCORINGS = ("letter", "cloze")
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,10 @@ class GCGConfig:
     gradient adds — what arXiv 2408.06223 §3.3 argues unlearning takes away; gradients are still computed and
     recorded).
     ``use_cache``: compute the keys and values of the tokens before the slots once and run only the slots and
-    what follows them (same numbers up to float rounding; False runs whole prompts)."""
+    what follows them (same numbers up to float rounding; False runs whole prompts).
+    ``scoring``: the prompt and answers of :func:`~rmu_analysis.evaluation.evaluate_mcq` the attack works on —
+    ``"letter"`` (the answer is ``" A"``..``" D"``) or ``"cloze"`` (the answer is the choice's text): use the
+    scoring the model is evaluated with (``rmu_analysis.organism.SCORING`` for the organism)."""
 
     n_tokens: int = 5
     top_k: int = 64
@@ -80,6 +90,7 @@ class GCGConfig:
     guidance: str = "gradient"
     batch_size: int = 128
     use_cache: bool = True
+    scoring: str = "letter"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -91,6 +102,7 @@ class GCGConfig:
         check_choice(self.position, "position", POSITIONS)
         check_choice(self.target, "target", TARGETS)
         check_choice(self.guidance, "guidance", ("gradient", "random"))
+        check_choice(self.scoring, "scoring", SCORINGS)
         if not isinstance(self.init, str) or not self.init:
             raise ValueError(f"init must be a non-empty string (the text of one token), got {self.init!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -105,15 +117,20 @@ class GCGConfig:
 
 @dataclass(frozen=True, eq=False)
 class AdversarialPrompts:
-    """N lettered prompts as token ids around ``n_tokens`` adversarial slots, in two left-padded parts.
+    """N prompts (:func:`~rmu_analysis.evaluation.mcq_prompt`, lettered or cloze) as token ids around ``n_tokens``
+    adversarial slots, in two left-padded parts, with the tokens each answer is read from.
 
-    ``prefix_ids`` ``[N, Tp]``: the tokens before the slots (BOS, header, and the question for a suffix);
-    ``cont_ids`` ``[N, Tc]``: the slots (holding ``init`` tokens) and everything after them up to ``"Answer:"``,
-    so every prompt's last token is in the last column. A prompt is ``cat(prefix, cont)`` with padding in front of
-    each part (masked; position ids count attended tokens only). The prefix never changes during an attack, so
-    its keys and values are computed once (:func:`prefix_cache`). ``adv_columns`` ``[N, P]``: the slots' columns
-    in ``cont_ids``; ``letter_ids`` ``[4]``: the tokens of ``" A"``..``" D"`` after ``"Answer:"``;
-    ``answers`` / ``targets`` ``[N]``: the right letter and the attack's target letter.
+    ``prefix_ids`` ``[N, Tp]``: per question, the tokens before the slots (BOS, header, and the question for a
+    suffix); computed once per attack (:func:`prefix_cache`). ``cont_ids`` ``[R, Tc]``: per *row*, the slots
+    (holding ``init`` tokens) and everything after them up to ``"Answer:"`` — then, when a question's answers are
+    not all one token, one row per choice with that choice's tokens but the last appended (as lm-eval scores it);
+    ``rows_per_question`` is 1 or 4 and the rows of question ``i`` are ``i·r … i·r + r − 1`` (``row_question``).
+    A prompt is ``cat(prefix, cont)`` with padding in front of each part (masked; position ids count attended
+    tokens only), so every row's last token is in the last column. ``adv_columns`` ``[R, P]``: the slots' columns.
+    ``read_ids`` / ``read_pos`` / ``read_choice`` ``[R, K]``: the token read, its column counted from the end
+    (−1 = the last) and the choice it belongs to (−1: padding) — a choice's score is the sum of its reads' log-probs,
+    the summed log-likelihood of :func:`~rmu_analysis.evaluation.evaluate_mcq`. ``answers`` / ``targets`` ``[N]``:
+    the right choice and the attack's target choice.
     """
 
     prefix_ids: torch.Tensor
@@ -121,61 +138,65 @@ class AdversarialPrompts:
     cont_ids: torch.Tensor
     cont_mask: torch.Tensor
     adv_columns: torch.Tensor
-    letter_ids: torch.Tensor
+    row_question: torch.Tensor
+    read_ids: torch.Tensor
+    read_pos: torch.Tensor
+    read_choice: torch.Tensor
     answers: torch.Tensor
     targets: torch.Tensor
     position: str
-    texts: tuple[tuple[str, str], ...]  # (before, after) the adversarial tokens, per prompt
+    scoring: str
+    texts: tuple[tuple[str, str], ...]  # (before, after) the adversarial tokens, per question
 
     @property
     def n(self) -> int:
-        return int(self.cont_ids.shape[0])
+        return int(self.prefix_ids.shape[0])
 
     @property
     def n_tokens(self) -> int:
         return int(self.adv_columns.shape[1])
 
+    @property
+    def rows_per_question(self) -> int:
+        return int(self.cont_ids.shape[0]) // self.n
+
+    @property
+    def keep(self) -> int:
+        """How many final positions' logits a row needs (the longest answer read)."""
+        return int(-self.read_pos.min())
+
+    def rows_of(self, questions: torch.Tensor) -> torch.Tensor:
+        """The rows of ``questions`` ``[M]``: ``[M·r]``, question by question."""
+        r = self.rows_per_question
+        return (questions[:, None] * r + torch.arange(r)[None]).reshape(-1)
+
     def cont_with(self, suffixes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``cont_ids`` of prompts ``rows`` ``[R]`` with their slots filled by ``suffixes`` ``[R, P]``."""
+        """``cont_ids`` of ``rows`` ``[R]`` with their slots filled by ``suffixes`` ``[R, P]``."""
         ids = self.cont_ids[rows].clone()
         ids.scatter_(1, self.adv_columns[rows], suffixes)
         return ids
 
     def masks(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention mask of the whole prompts ``[R, Tp + Tc]`` and the position ids of their cont part
-        ``[R, Tc]`` (attended tokens counted from 0)."""
-        mask = torch.cat([self.prefix_mask[rows], self.cont_mask[rows]], dim=1)
+        """Attention mask of the whole prompts of ``rows`` ``[R, Tp + Tc]`` and the position ids of their cont
+        part ``[R, Tc]`` (attended tokens counted from 0)."""
+        mask = torch.cat([self.prefix_mask[self.row_question[rows]], self.cont_mask[rows]], dim=1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, self.prefix_ids.shape[1]:]
         return mask, pos
 
     def full(self, suffixes: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Model inputs of the whole prompts ``rows`` with ``suffixes`` (no cache)."""
-        mask = torch.cat([self.prefix_mask[rows], self.cont_mask[rows]], dim=1)
-        ids = torch.cat([self.prefix_ids[rows], self.cont_with(suffixes, rows)], dim=1)
+        """Model inputs of the whole prompts of ``rows`` with ``suffixes`` (no cache)."""
+        q = self.row_question[rows]
+        mask = torch.cat([self.prefix_mask[q], self.cont_mask[rows]], dim=1)
+        ids = torch.cat([self.prefix_ids[q], self.cont_with(suffixes, rows)], dim=1)
         return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
 
 def wrong_targets(answers: Sequence[int], seed: int) -> np.ndarray:
-    """One fixed wrong letter per question (uniform over the three wrong ones), drawn from ``seed``."""
+    """One fixed wrong choice per question (uniform over the three wrong ones), drawn from ``seed``."""
     rng = np.random.default_rng(seed)
     answers = np.asarray(answers, dtype=np.int64)
-    offsets = rng.integers(1, 4, size=answers.shape)  # 1..3 letters further, cyclically: never the answer
+    offsets = rng.integers(1, 4, size=answers.shape)  # 1..3 choices further, cyclically: never the answer
     return (answers + offsets) % 4
-
-
-def _letter_ids(tokenizer, context: str) -> list[int]:
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    out = []
-    for letter in LETTERS:
-        whole = tokenizer(context + f" {letter}", add_special_tokens=False)["input_ids"]
-        cont = whole[len(ctx):]
-        if len(cont) != 1 or whole[: len(ctx)] != ctx:
-            raise ValueError(
-                f"the answer letter {letter!r} is not one token after 'Answer:' with this tokenizer (got {cont}): "
-                "GCG's target is a single next token; use a tokenizer with single-token ' A'..' D'"
-            )
-        out.append(cont[0])
-    return out
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -192,45 +213,75 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask, offsets
 
 
+def _split_prompt(full: str, question: str, position: str, scoring: str) -> int:
+    """Where the adversarial tokens go in ``full`` (the prompt of ``question``): its character offset."""
+    if not full.endswith(_ANSWER):  # pragma: no cover - template change
+        raise RuntimeError("mcq_prompt no longer ends with '\\nAnswer:'")
+    if position == "suffix":
+        return len(full) - len(_ANSWER)
+    start = full.index("\n\n") + 2 if scoring == "letter" else 0
+    if full[start: start + len(question)] != question:  # pragma: no cover - template change
+        raise RuntimeError("mcq_prompt no longer puts the question where the prefix goes")
+    return start
+
+
 def adversarial_prompts(
     tokenizer, records: Sequence[dict], subject: Any = None, *, n_tokens: int = 5, position: str = "suffix",
-    init_id: int, targets: Sequence[int] | None = None,
+    init_id: int, targets: Sequence[int] | None = None, scoring: str = "letter",
 ) -> AdversarialPrompts:
-    """Tokenise lettered prompts around ``n_tokens`` adversarial slots (see the module docstring for where)."""
+    """Tokenise the ``scoring`` prompts of ``records`` around ``n_tokens`` adversarial slots (the module docstring
+    says where) with the answers' tokens as the evaluation reads them (``encode_choices``: the tokens of
+    prompt + continuation after the prompt's)."""
     check_choice(position, "position", POSITIONS)
+    check_choice(scoring, "scoring", SCORINGS)
     recs = check_records(records)
     subjects = subject_list(subject, len(recs))
     bos = [tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []
-    prefixes, conts, texts = [], [], []
-    letter_ids = None
+    prefixes, afters, texts, answer_ids = [], [], [], []
     for r, s in zip(recs, subjects):
-        full = mcq_prompt(r, s)
-        q = r["question"].strip()
-        start = full.index("\n\n") + 2
-        if full[start: start + len(q)] != q or not full.endswith(_ANSWER):  # pragma: no cover - template change
-            raise RuntimeError("mcq_prompt no longer reads header, question, choices, '\\nAnswer:'")
-        cut = len(full) - len(_ANSWER) if position == "suffix" else start
+        full = mcq_prompt(r, s, scoring=scoring)
+        cut = _split_prompt(full, r["question"].strip(), position, scoring)
         before, after = full[:cut], full[cut:]
         prefixes.append(bos + tokenizer(before, add_special_tokens=False)["input_ids"])
-        conts.append([init_id] * n_tokens + tokenizer(after, add_special_tokens=False)["input_ids"])
+        afters.append(tokenizer(after, add_special_tokens=False)["input_ids"])
         texts.append((before, after))
-        ids = _letter_ids(tokenizer, full)
-        if letter_ids is None:
-            letter_ids = ids
-        elif ids != letter_ids:  # pragma: no cover - exotic tokenizers
-            raise ValueError("the answer letters tokenise differently across prompts: GCG needs one token per letter")
-    if any(not p for p in prefixes):  # pragma: no cover - the header is never empty
-        raise ValueError("a prompt has no tokens before the adversarial slots")
+        conts = encode_choices(tokenizer, [full], [mcq_continuations(r, scoring=scoring)], [])[0][1]
+        if any(not c for c in conts):
+            raise ValueError(f"an answer of {r['question']!r} encodes to no tokens after 'Answer:': check the tokenizer")
+        answer_ids.append(conts)
+    if any(not p for p in prefixes):
+        raise ValueError(f"position={position!r} with {scoring} prompts leaves no token before the adversarial slots "
+                         "(the tokenizer adds no BOS): use position='suffix'")
+    one_pass = all(len(c) == 1 for conts in answer_ids for c in conts)  # each answer one token: one row per question
+    conts, reads = [], []
+    for after, choice_ids in zip(afters, answer_ids):
+        if one_pass:
+            conts.append([init_id] * n_tokens + after)
+            reads.append([[(c[0], -1, j) for j, c in enumerate(choice_ids)]])
+        else:
+            for j, c in enumerate(choice_ids):
+                conts.append([init_id] * n_tokens + after + c[:-1])
+                reads.append([[(tok, m - len(c), j) for m, tok in enumerate(c)]])
+    reads = [row for q in reads for row in q]
+    k = max(len(row) for row in reads)
+    read_ids = torch.zeros((len(reads), k), dtype=torch.long)
+    read_pos = torch.full((len(reads), k), -1, dtype=torch.long)
+    read_choice = torch.full((len(reads), k), -1, dtype=torch.long)
+    for i, row in enumerate(reads):
+        for m, (tok, pos, j) in enumerate(row):
+            read_ids[i, m], read_pos[i, m], read_choice[i, m] = tok, pos, j
+    r = 1 if one_pass else 4
     prefix_ids, prefix_mask, _ = _left_pad(prefixes, tokenizer.pad_token_id)
     cont_ids, cont_mask, offsets = _left_pad(conts, tokenizer.pad_token_id)
     adv = torch.tensor(offsets, dtype=torch.long)[:, None] + torch.arange(n_tokens)[None]
-    answers = torch.tensor([r["answer"] for r in recs], dtype=torch.long)
+    answers = torch.tensor([rec["answer"] for rec in recs], dtype=torch.long)
     tgt = answers.clone() if targets is None else torch.as_tensor(np.asarray(targets), dtype=torch.long)
     if tgt.shape != answers.shape or not ((tgt >= 0) & (tgt < 4)).all():
-        raise ValueError(f"targets must hold one letter index 0..3 per record ({len(recs)}), got {tgt.tolist()}")
+        raise ValueError(f"targets must hold one choice index 0..3 per record ({len(recs)}), got {tgt.tolist()}")
     return AdversarialPrompts(
         prefix_ids=prefix_ids, prefix_mask=prefix_mask, cont_ids=cont_ids, cont_mask=cont_mask, adv_columns=adv,
-        letter_ids=torch.tensor(letter_ids, dtype=torch.long), answers=answers, targets=tgt, position=position,
+        row_question=torch.arange(len(recs)).repeat_interleave(r), read_ids=read_ids, read_pos=read_pos,
+        read_choice=read_choice, answers=answers, targets=tgt, position=position, scoring=scoring,
         texts=tuple(texts),
     )
 
@@ -253,7 +304,7 @@ def allowed_tokens(tokenizer, vocab_size: int) -> torch.Tensor:
 
 
 def prefix_cache(model: nn.Module, prompts: AdversarialPrompts) -> Any:
-    """The KV cache of every prompt's prefix (the tokens before the slots), computed once without gradients."""
+    """The KV cache of every question's prefix (the tokens before the slots), computed once without gradients."""
     device = model_device(model)
     with torch.no_grad():
         out = model(input_ids=prompts.prefix_ids.to(device), attention_mask=prompts.prefix_mask.to(device),
@@ -265,30 +316,32 @@ def prefix_cache(model: nn.Module, prompts: AdversarialPrompts) -> Any:
     return cache
 
 
-def _rows_cache(cache: Any, rows: torch.Tensor) -> Any:
-    """A copy of ``cache`` holding the prefixes of ``rows`` (repeats allowed), for one forward pass."""
+def _rows_cache(cache: Any, questions: torch.Tensor) -> Any:
+    """A copy of ``cache`` holding the prefixes of ``questions`` (repeats allowed), for one forward pass."""
     c = copy.deepcopy(cache)
-    c.reorder_cache(rows)
+    c.reorder_cache(questions)
     return c
 
 
-def _last_logits(model: nn.Module, prompts: AdversarialPrompts, rows: torch.Tensor, cache: Any, *,
+def _tail_logits(model: nn.Module, prompts: AdversarialPrompts, rows: torch.Tensor, cache: Any, *,
                  ids: torch.Tensor | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits at the last position ``[R, V]`` of prompts ``rows`` whose cont part is ``ids`` (or ``embeds``),
-    through ``cache`` (the prefix's keys and values) or, when None, over the whole prompt."""
+    """Logits at the last ``prompts.keep`` positions ``[R, keep, V]`` of ``rows`` whose cont part is ``ids`` (or
+    ``embeds``), through ``cache`` (the prefixes' keys and values) or, when None, over the whole prompt."""
     device = model_device(model)
+    keep = prompts.keep
     kw: dict[str, Any] = {}
     if "logits_to_keep" in forward_params(model):
-        kw["logits_to_keep"] = 1  # the LM head runs on one position only
+        kw["logits_to_keep"] = keep  # the LM head runs on the read positions only
     if cache is not None:
         mask, pos = prompts.masks(rows)
-        kw[cache_kwarg(model)] = _rows_cache(cache, rows.to(device))
+        kw[cache_kwarg(model)] = _rows_cache(cache, prompts.row_question[rows].to(device))
         kw["use_cache"] = True
     else:
-        mask = torch.cat([prompts.prefix_mask[rows], prompts.cont_mask[rows]], dim=1)
+        q = prompts.row_question[rows]
+        mask = torch.cat([prompts.prefix_mask[q], prompts.cont_mask[rows]], dim=1)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         emb = model.get_input_embeddings().weight
-        prefix = prompts.prefix_ids[rows].to(device)
+        prefix = prompts.prefix_ids[q].to(device)
         if embeds is not None:
             embeds = torch.cat([emb.detach()[prefix], embeds], dim=1)
         else:
@@ -297,52 +350,76 @@ def _last_logits(model: nn.Module, prompts: AdversarialPrompts, rows: torch.Tens
         kw["inputs_embeds"] = embeds
     else:
         kw["input_ids"] = ids.to(device)
-    return model(attention_mask=mask.to(device), position_ids=pos.to(device), **kw).logits[:, -1]
+    return model(attention_mask=mask.to(device), position_ids=pos.to(device), **kw).logits[:, -keep:]
 
 
-def suffix_letter_logprobs(model: nn.Module, prompts: AdversarialPrompts, suffixes: torch.Tensor,
-                           rows: torch.Tensor, *, batch_size: int = 128, cache: Any = None) -> torch.Tensor:
-    """log p(" A".." D") ``[R, 4]`` (fp32, softmax over the whole vocabulary as in the evaluation) of prompts
-    ``rows`` ``[R]`` with adversarial tokens ``suffixes`` ``[R, P]``: ``batch_size`` sequences per forward pass,
-    no gradients; ``cache``: :func:`prefix_cache` of ``prompts`` (then only the slots and what follows run)."""
+def _read_logprobs(prompts: AdversarialPrompts, rows: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """log p of each read token of ``rows`` ``[R, K]`` (0 at padding) from their tail logits (fp32, softmax over
+    the whole vocabulary, as the evaluation)."""
+    device = tail.device
+    logp = torch.log_softmax(tail.float(), dim=-1)
+    col = (prompts.keep + prompts.read_pos[rows]).to(device)  # [R, K]
+    r = torch.arange(rows.shape[0], device=device)[:, None].expand_as(col)
+    vals = logp[r, col, prompts.read_ids[rows].to(device)]
+    return vals * (prompts.read_choice[rows] >= 0).to(device)
+
+
+def _choice_scores(prompts: AdversarialPrompts, rows: torch.Tensor, reads: torch.Tensor, owner: torch.Tensor,
+                   m: int) -> torch.Tensor:
+    """Sum the reads ``[R, K]`` of ``rows`` into ``[m, 4]`` choice scores; ``owner`` ``[R]``: each row's output row."""
+    choice = prompts.read_choice[rows].to(reads.device)
+    flat = (owner.to(reads.device)[:, None] * 4 + choice.clamp(min=0)).reshape(-1)
+    return torch.zeros(m * 4, dtype=reads.dtype, device=reads.device).index_add_(0, flat, reads.reshape(-1)).view(m, 4)
+
+
+def suffix_choice_logprobs(model: nn.Module, prompts: AdversarialPrompts, suffixes: torch.Tensor,
+                           questions: torch.Tensor, *, batch_size: int = 128, cache: Any = None) -> torch.Tensor:
+    """Summed log-likelihood of each of the four answers ``[M, 4]`` (fp32; the evaluation's scores: ``" A"``..``" D"``
+    or the choices' texts) of ``questions`` ``[M]`` with adversarial tokens ``suffixes`` ``[M, P]``: about
+    ``batch_size`` sequences per forward pass, no gradients; ``cache``: :func:`prefix_cache` of ``prompts`` (then
+    only the slots and what follows run)."""
     suffixes = torch.as_tensor(suffixes, dtype=torch.long).cpu()
-    rows = torch.as_tensor(rows, dtype=torch.long).cpu()
-    if suffixes.dim() != 2 or suffixes.shape != (rows.shape[0], prompts.n_tokens):
-        raise ValueError(f"suffixes must have shape [{rows.shape[0]}, {prompts.n_tokens}], got {tuple(suffixes.shape)}")
+    questions = torch.as_tensor(questions, dtype=torch.long).cpu()
+    if suffixes.dim() != 2 or suffixes.shape != (questions.shape[0], prompts.n_tokens):
+        raise ValueError(f"suffixes must have shape [{questions.shape[0]}, {prompts.n_tokens}], got "
+                         f"{tuple(suffixes.shape)}")
+    r = prompts.rows_per_question
+    chunk = max(1, batch_size // r)
     out = []
-    letters = prompts.letter_ids
     with torch.no_grad():
-        for s in range(0, rows.shape[0], batch_size):
-            r = rows[s: s + batch_size]
-            logits = _last_logits(model, prompts, r, cache, ids=prompts.cont_with(suffixes[s: s + batch_size], r))
-            out.append(torch.log_softmax(logits.float(), dim=-1)[:, letters.to(logits.device)].cpu())
+        for s in range(0, questions.shape[0], chunk):
+            q = questions[s: s + chunk]
+            rows = prompts.rows_of(q)
+            ids = prompts.cont_with(suffixes[s: s + chunk].repeat_interleave(r, 0), rows)
+            reads = _read_logprobs(prompts, rows, _tail_logits(model, prompts, rows, cache, ids=ids))
+            owner = torch.arange(q.shape[0]).repeat_interleave(r)
+            out.append(_choice_scores(prompts, rows, reads, owner, q.shape[0]).cpu())
     return torch.cat(out)
 
 
-def text_letter_logprobs(model: nn.Module, tokenizer, texts: Sequence[str], letter_ids: torch.Tensor, *,
-                         batch_size: int = 64) -> torch.Tensor:
-    """log p(" A".." D") ``[n, 4]`` after whole prompt texts, tokenised afresh as the evaluation does (BOS when the
-    tokenizer adds one, then the text without special tokens): how an attack's string reads once it is text."""
-    device = model_device(model)
-    bos = [tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []
-    seqs = [bos + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    out = []
-    kw = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(model) else {}
-    with torch.no_grad():
-        for s in range(0, len(seqs), batch_size):
-            ids, mask, _ = _left_pad(seqs[s: s + batch_size], tokenizer.pad_token_id)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), **kw).logits[:, -1]
-            out.append(torch.log_softmax(logits.float(), dim=-1)[:, letter_ids.to(device)].cpu())
-    return torch.cat(out)
+def text_choice_logprobs(model: nn.Module, tokenizer, texts: Sequence[str], records: Sequence[dict], *,
+                         scoring: str = "letter", batch_size: int = 64) -> torch.Tensor:
+    """The evaluation's scores ``[n, 4]`` of the four answers of ``records`` after whole prompt ``texts``
+    (:func:`~rmu_analysis.evaluation.score_continuations`: tokenised afresh, as the evaluation does): how an
+    attack's string reads once it is text."""
+    conts = [mcq_continuations(r, scoring=scoring) for r in records]
+    logliks, _, _ = score_continuations(model, tokenizer, list(texts), conts, batch_size=batch_size)
+    return torch.from_numpy(logliks)
+
+
+def _target_rows(prompts: AdversarialPrompts, questions: torch.Tensor) -> torch.Tensor:
+    """Per question the row that holds its target answer's reads."""
+    r = prompts.rows_per_question
+    return questions * r + (prompts.targets[questions] if r > 1 else 0)
 
 
 def token_gradients(model: nn.Module, prompts: AdversarialPrompts, adv: torch.Tensor, *, batch_size: int = 128,
                     cache: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of ``Σ_i −log p(target_i)`` w.r.t. the one-hot adversarial tokens ``[S, P, V]`` and w.r.t. their
-    embeddings ``[S, P, d]`` (the one-hot gradient is the embedding gradient times the embedding matrixᵀ).
-    ``adv`` ``[S, P]``: one string for all prompts (``S = 1``) or one per prompt (``S = N``; then row ``i``
-    holds the gradient of prompt ``i``'s loss alone). ``cache``: as in :func:`suffix_letter_logprobs`."""
+    """Gradient of ``Σ_i −log p(target answer_i)`` (summed over the answer's tokens) w.r.t. the one-hot adversarial
+    tokens ``[S, P, V]`` and w.r.t. their embeddings ``[S, P, d]`` (the one-hot gradient is the embedding gradient
+    times the embedding matrixᵀ). ``adv`` ``[S, P]``: one string for all prompts (``S = 1``) or one per prompt
+    (``S = N``; then row ``i`` holds the gradient of prompt ``i``'s loss alone). ``cache``: as in
+    :func:`suffix_choice_logprobs`."""
     device = model_device(model)
     emb = model.get_input_embeddings().weight
     S, P = adv.shape
@@ -355,15 +432,16 @@ def token_gradients(model: nn.Module, prompts: AdversarialPrompts, adv: torch.Te
     grad_embed = torch.zeros(S, P, emb.shape[1], dtype=torch.float32, device=device)
     with torch.enable_grad():
         for s in range(0, prompts.n, batch_size):
-            r = torch.arange(s, min(s + batch_size, prompts.n))
-            sets = torch.zeros_like(r) if S == 1 else r
+            q = torch.arange(s, min(s + batch_size, prompts.n))
+            rows = _target_rows(prompts, q)
+            sets = torch.zeros_like(q) if S == 1 else q
             adv_embeds = onehot[sets.to(device)] @ emb  # [c, P, d]
-            embeds = emb.detach()[prompts.cont_ids[r].to(device)]
-            rr = torch.arange(len(r), device=device)[:, None].expand(-1, P)
-            embeds = embeds.index_put((rr, prompts.adv_columns[r].to(device)), adv_embeds)
-            logits = _last_logits(model, prompts, r, cache, embeds=embeds)
-            logp = torch.log_softmax(logits.float(), dim=-1)[:, prompts.letter_ids.to(device)]
-            loss = -logp.gather(1, prompts.targets[r].to(device)[:, None]).sum()
+            embeds = emb.detach()[prompts.cont_ids[rows].to(device)]
+            rr = torch.arange(len(q), device=device)[:, None].expand(-1, P)
+            embeds = embeds.index_put((rr, prompts.adv_columns[rows].to(device)), adv_embeds)
+            reads = _read_logprobs(prompts, rows, _tail_logits(model, prompts, rows, cache, embeds=embeds))
+            is_target = prompts.read_choice[rows] == prompts.targets[q][:, None]
+            loss = -(reads * is_target.to(reads.device)).sum()
             g_onehot, g_embed = torch.autograd.grad(loss, [onehot, adv_embeds])
             grad_onehot += g_onehot.float()
             grad_embed.index_add_(0, sets.to(device), g_embed.float())
@@ -387,7 +465,7 @@ class GCGResult:
     """One GCG run toward one target (:func:`gcg`).
 
     ``history``: one dict per step (step 0 = the initial string): ``loss`` (mean −log p(target) per prompt),
-    ``accuracy`` (prediction = right letter), ``target_success`` (prediction = target letter), ``grad_norm``
+    ``accuracy`` (prediction = right answer), ``target_success`` (prediction = target answer), ``grad_norm``
     (mean over strings of ‖∂loss/∂one-hot‖), ``grad_norm_embed`` (‖∂loss/∂adversarial embeddings‖),
     ``grad_corr`` (Spearman correlation, over the step's candidates, of the gradient's first-order prediction of
     the loss change, ∂loss/∂onehot[new] − ∂loss/∂onehot[old], with the actual change; NaN at the last recorded
@@ -395,7 +473,7 @@ class GCGResult:
     ``accepted`` (strings improved this step), ``seconds``. Per-question arrays: ``clean_correct`` /
     ``clean_target`` (the evaluation's scorer, no attack), ``attacked_correct`` / ``attacked_target`` (token ids as
     optimised), ``text_correct`` (the prompt with the attack's string decoded to text and tokenised afresh,
-    :func:`text_letter_logprobs`).
+    :func:`text_choice_logprobs`).
     """
 
     config: GCGConfig
@@ -502,7 +580,7 @@ def gcg(
     answers = np.array([r["answer"] for r in recs], dtype=np.int64)
     targets = answers.copy() if config.target == "correct" else wrong_targets(answers, config.seed)
     prompts = adversarial_prompts(tokenizer, recs, subject, n_tokens=config.n_tokens, position=config.position,
-                                  init_id=init_id, targets=targets)
+                                  init_id=init_id, targets=targets, scoring=config.scoring)
     N, P, B = prompts.n, config.n_tokens, config.candidates
     S = 1 if config.universal else N
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
@@ -513,7 +591,7 @@ def gcg(
     ans = prompts.answers
 
     def score(suffix_rows: torch.Tensor, prompt_rows: torch.Tensor) -> torch.Tensor:
-        return suffix_letter_logprobs(model, prompts, suffix_rows, prompt_rows, batch_size=config.batch_size,
+        return suffix_choice_logprobs(model, prompts, suffix_rows, prompt_rows, batch_size=config.batch_size,
                                       cache=cache)
 
     was_training = model.training
@@ -585,12 +663,13 @@ def gcg(
         adv_ids = tuple(tuple(int(t) for t in a) for a in adv)
         adv_text = tuple(tokenizer.decode(list(a), clean_up_tokenization_spaces=False) for a in adv_ids)
         texts = [before + adv_text[0 if S == 1 else i] + after for i, (before, after) in enumerate(prompts.texts)]
-        text_pred = text_letter_logprobs(model, tokenizer, texts, prompts.letter_ids,
+        text_pred = text_choice_logprobs(model, tokenizer, texts, recs, scoring=config.scoring,
                                          batch_size=min(config.batch_size, 64)).argmax(1).numpy()
     finally:
         model.train(was_training)
     pred = cur_logp.argmax(1).numpy()
-    clean = evaluate_mcq(model, tokenizer, recs, subject, batch_size=min(config.batch_size, 64), cluster_key=())
+    clean = evaluate_mcq(model, tokenizer, recs, subject, scoring=config.scoring, batch_size=min(config.batch_size, 64),
+                         cluster_key=())
     return GCGResult(
         config=config, method=method, answers=answers, targets=targets, adv_ids=adv_ids, adv_text=adv_text,
         history=tuple(history), clean_correct=clean.predictions == answers, clean_target=clean.predictions == targets,
@@ -604,9 +683,9 @@ def gcg(
 
 @dataclass(frozen=True)
 class GCGReport:
-    """GCG toward the correct letter and toward a fixed wrong letter on the same questions (:func:`gcg_attack`).
+    """GCG toward the correct answer and toward a fixed wrong answer on the same questions (:func:`gcg_attack`).
 
-    ``recovered``: success toward the correct letter minus success toward the wrong one, paired over questions —
+    ``recovered``: success toward the correct answer minus success toward the wrong one, paired over questions —
     the knowledge the attack recovers beyond what any target can be taught."""
 
     correct: GCGResult
@@ -631,10 +710,8 @@ class GCGReport:
 
 def gcg_attack(model: nn.Module, tokenizer: Any, records: Sequence[dict], config: GCGConfig | None = None, **kwargs
                ) -> GCGReport:
-    """:func:`gcg` toward the correct letter and toward a wrong one (the control), with the paired difference of
+    """:func:`gcg` toward the correct answer and toward a wrong one (the control), with the paired difference of
     their success rates. ``config.target`` is ignored; keyword arguments go to :func:`gcg`."""
-    from dataclasses import replace
-
     config = GCGConfig() if config is None else config
     right = gcg(model, tokenizer, records, replace(config, target="correct"), **kwargs)
     wrong = gcg(model, tokenizer, records, replace(config, target="wrong"), **kwargs)
@@ -644,7 +721,7 @@ def gcg_attack(model: nn.Module, tokenizer: Any, records: Sequence[dict], config
 
 @dataclass(frozen=True)
 class GCGTransferResult:
-    """A universal string optimised toward the correct letters of ``dev`` questions, applied to ``test`` ones.
+    """A universal string optimised toward the correct answers of ``dev`` questions, applied to ``test`` ones.
 
     ``test_clean`` / ``test_attacked``: per-question correctness on the test questions without and with the
     string (token ids as optimised, inserted where the attack put them); ``gain`` their paired difference."""
@@ -679,10 +756,8 @@ class GCGTransferResult:
 def gcg_transfer(model: nn.Module, tokenizer: Any, dev_records: Sequence[dict], test_records: Sequence[dict],
                  config: GCGConfig | None = None, *, subject: Any = None, test_subject: Any = None,
                  method: str = "model", cluster_key: Any = None, progress: bool = False) -> GCGTransferResult:
-    """Optimise one universal string toward the correct letters of ``dev_records`` and measure it on
+    """Optimise one universal string toward the correct answers of ``dev_records`` and measure it on
     ``test_records`` (whose answers it never saw). ``test_subject`` defaults to ``subject``."""
-    from dataclasses import replace
-
     config = GCGConfig() if config is None else config
     t0 = time.perf_counter()
     dev = gcg(model, tokenizer, dev_records, replace(config, universal=True, target="correct"), subject=subject,
@@ -694,13 +769,14 @@ def gcg_transfer(model: nn.Module, tokenizer: Any, dev_records: Sequence[dict], 
     if not isinstance(subj, (str, type(None))) and test_subject is None:
         raise ValueError("subject is one per dev record: pass test_subject for the test records")
     prompts = adversarial_prompts(tokenizer, test, subj, n_tokens=config.n_tokens, position=config.position,
-                                  init_id=dev.adv_ids[0][0])
+                                  init_id=dev.adv_ids[0][0], scoring=config.scoring)
     suffix = torch.tensor(dev.adv_ids[0], dtype=torch.long).expand(prompts.n, -1)
     was_training = model.training
     model.eval()
     try:
-        logp = suffix_letter_logprobs(model, prompts, suffix, torch.arange(prompts.n), batch_size=config.batch_size)
-        clean = evaluate_mcq(model, tokenizer, test, subj, batch_size=min(config.batch_size, 64), cluster_key=())
+        logp = suffix_choice_logprobs(model, prompts, suffix, torch.arange(prompts.n), batch_size=config.batch_size)
+        clean = evaluate_mcq(model, tokenizer, test, subj, scoring=config.scoring,
+                             batch_size=min(config.batch_size, 64), cluster_key=())
     finally:
         model.train(was_training)
     answers = prompts.answers.numpy()
