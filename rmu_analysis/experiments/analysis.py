@@ -14,13 +14,13 @@ from scipy.stats import spearmanr
 from ..theory import forget_convergence
 from .plans import ExperimentPlan
 from .results import finished_runs, result_topics
-from .specs import COEFF_FIELDS, STEERING
+from .specs import COEFF_FIELDS, STEERING, RunSpec
 from .targets import TARGETS, Targets
 
 __all__ = [
     "spearman", "isotonic_decreasing", "layer_table", "layer_targets", "early_late", "early_late_split",
     "collapse_points", "collapse_summary", "coefficient_sweep", "convergence_check", "point_label", "METHOD_NAMES",
-    "table1_select", "table1_frame", "summarize",
+    "table1_select", "table1_choice", "table1_frame", "summarize",
 ]
 
 #: Display names of the methods, in Table 1's order.
@@ -283,6 +283,29 @@ def table1_frame(frame: pd.DataFrame, targets: Targets = TARGETS) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
+def table1_choice(plan: ExperimentPlan, frame: pd.DataFrame, targets: Targets = TARGETS) -> dict[str, dict[str, Any]]:
+    """Each method's selected grid point (:func:`table1_select` on ``frame``, the selection runs: dev questions,
+    selection seeds) as the grid entry of ``plan`` it came from (method -> field overrides, for
+    :func:`~.plans.plan_grids`'s ``selected``). Methods without finished runs in ``frame`` are left out."""
+    if not len(finished_runs(frame)):
+        return {}
+    sel = table1_select(frame, targets)
+    out: dict[str, dict[str, Any]] = {}
+    for method, points in plan.grid().items():
+        chosen = sel[(sel["method"] == method) & sel["selected"]]
+        if not len(chosen):
+            continue
+        label = chosen.iloc[0]["point"]
+        for point in points:
+            spec = RunSpec(method=method, layer=plan.table_layer, seed=0, **{**plan.common(), **point})
+            if point_label({"method": method, "coeff": spec.coeff, "lr": spec.lr, "alpha": spec.alpha}) == label:
+                out[method] = point
+                break
+        else:
+            raise ValueError(f"the selected {method} point {label!r} is not in the plan's grid")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- all of it
 def summarize(frames: Mapping[str, pd.DataFrame], plan: ExperimentPlan, theory: dict[str, Any],
               targets: Targets = TARGETS) -> dict[str, Any]:
@@ -310,5 +333,8 @@ def summarize(frames: Mapping[str, pd.DataFrame], plan: ExperimentPlan, theory: 
     table = frames["table1"]
     if len(table):
         out["table1"] = table1_frame(table, targets).round(4).to_dict(orient="records")
-        out["table1_grid"] = table1_select(table, targets).round(4).to_dict(orient="records")
+        select = frames.get("table1_select")
+        grid = select if select is not None and len(select) else table
+        out["table1_grid"] = table1_select(grid, targets).round(4).to_dict(orient="records")
+        out["table1_grid_split"] = "dev" if grid is not table else "test"
     return out

@@ -12,6 +12,7 @@ import torch
 
 from ..models import load_model
 from ..recipes import ZEPHYR, model_plan, organism_plan
+from .analysis import table1_choice
 from .plans import ExperimentPlan, plan_grids, plan_norms
 from .results import finished_runs, load_results
 from .runner import is_finished, run_sweep, shard_specs
@@ -126,26 +127,56 @@ def resources(args) -> tuple[int, int]:
     return workers, threads
 
 
+def _stage_specs(plan: ExperimentPlan, grids: dict, names: list[str], results: Path) -> tuple[list, str | None]:
+    """The runs of ``names``; Table 1's reported runs only once its dev selection runs all have results (else a
+    note saying why they are not listed yet)."""
+    specs, note = [], None
+    for name in names:
+        if name == "table1" and plan.selection_seeds:
+            select = grids["table1_select"]
+            specs += select
+            frame = load_results(results, select)
+            if len(finished_runs(frame)) < len({s.key() for s in select}):
+                note = (f"Table 1's reported runs wait for its {len(select)} selection runs on the dev questions "
+                        f"({len(finished_runs(frame))} finished): run again once they are done")
+                continue
+            specs += plan_grids(dataclasses.replace(plan, coeff_layers=()),
+                                selected=table1_choice(plan, frame))["table1"]
+        else:
+            specs += grids[name]
+    return specs, note
+
+
 def sweep_command(args) -> int:
     plan, factory = plan_from_args(args)
     bench = LazyWorkbench(factory)
     norms = plan_norms(plan, bench, args.results) if plan.coeff_layers and args.experiment in ("coefficient", "all") \
         else None
     grids = plan_grids(dataclasses.replace(plan, coeff_layers=()) if norms is None else plan, norms)
-    names = list(grids) if args.experiment == "all" else [args.experiment]
-    specs = [s for n in names for s in grids[n]]
+    names = ["coefficient", "layer", "table1"] if args.experiment == "all" else [args.experiment]
+    specs, note = _stage_specs(plan, grids, names, args.results)
     if args.list:
         for s in shard_specs(specs, args.shard):
             done = is_finished(args.results / f"{s.key()}.json", s.key())
             print(f"{s.key()}  {'done' if done else 'todo'}  {s.label()}")
+        if note:
+            print(note)
         return 0
     if not args.merge:
         workers, threads = resources(args)
         torch.set_num_threads(threads)
         outcome = run_sweep(specs, args.results, bench if workers == 1 else factory, shard=args.shard,
                             progress=not args.no_progress, workers=workers, threads=threads)
-        print(f"shard {args.shard or '0/1'}: ran {outcome.ran}, skipped {outcome.skipped} finished run(s); "
+        ran, skipped = outcome.ran, outcome.skipped
+        if note and args.shard is None:  # one process ran every selection run: the reported runs can follow
+            specs, note = _stage_specs(plan, grids, names, args.results)
+            outcome = run_sweep(specs, args.results, bench if workers == 1 else factory,
+                                progress=not args.no_progress, workers=workers, threads=threads)
+            ran, skipped = ran + outcome.ran, outcome.skipped
+        print(f"shard {args.shard or '0/1'}: ran {ran}, skipped {skipped} finished run(s); "
               f"results in {args.results}")
+        if note:
+            print(note)
     frame = load_results(args.results, specs)
     done = len(frame)
     print(f"{done} of {len(set(s.key() for s in specs))} runs of {', '.join(names)} have results in {args.results}")

@@ -15,7 +15,7 @@ from .._batching import iter_batches
 from ..activations import token_norms
 from ..confidence import Confidence, measure_confidence
 from ..cosines import alignment
-from ..evaluation import evaluate_mcq, mcq_prompt
+from ..evaluation import MCQResult, evaluate_mcq, mcq_prompt
 from ..unlearning import UnlearnResult
 from .specs import EvalSettings
 
@@ -48,23 +48,55 @@ def question_prompts(data: "ExperimentData", name: str, *, scoring: str, limit: 
     return [mcq_prompt(r, s, scoring=scoring) for r, s in zip(records, data.record_subjects(name, records))]
 
 
+def evaluate_sets(model: nn.Module, tokenizer: Any, data: "ExperimentData", settings: EvalSettings
+                  ) -> dict[str, MCQResult]:
+    """Score every question set of ``data`` that ``settings`` selects (test or dev split, ``per_fact``,
+    ``questions``): set name -> :class:`~rmu_analysis.evaluation.MCQResult` (intervals, paired comparisons)."""
+    return {name: evaluate_mcq(model, tokenizer, records, data.record_subjects(name, records),
+                               scoring=settings.scoring, batch_size=settings.batch_size)
+            for name, records in data.questions(settings).items()}
+
+
 def accuracies(model: nn.Module, tokenizer: Any, data: "ExperimentData", *, scoring: str, batch_size: int,
-               questions: int | None = None) -> dict[str, float]:
-    """Zero-shot multiple-choice accuracy on every question set of ``data`` (its first ``questions``)."""
-    out = {}
-    for name, records in data.mcq.items():
-        records = list(records if questions is None else records[:questions])
-        res = evaluate_mcq(model, tokenizer, records, data.record_subjects(name, records), scoring=scoring,
-                           batch_size=batch_size)
-        out[name] = float(res.accuracy)
-    return out
+               questions: int | None = None, split: str = "test", per_fact: int | None = None) -> dict[str, float]:
+    """Zero-shot multiple-choice accuracy on every question set of ``data`` (``split`` "test" or "dev"; the first
+    ``per_fact`` questions of each fact; the first ``questions`` of each set)."""
+    settings = EvalSettings(questions=questions, scoring=scoring, batch_size=batch_size, split=split,
+                            per_fact=per_fact)
+    return {name: float(res.accuracy) for name, res in evaluate_sets(model, tokenizer, data, settings).items()}
+
+
+def correct_bits(result: MCQResult) -> str:
+    """The per-question outcome as a string of 0/1 (question order of the set): what paired tests and
+    fact-resampled intervals over stored runs need (:func:`bits_array`)."""
+    return "".join("1" if c else "0" for c in result.correct)
+
+
+def bits_array(bits: str) -> np.ndarray:
+    """:func:`correct_bits` back to a boolean array."""
+    return np.frombuffer(bits.encode(), dtype=np.uint8) == ord("1")
+
+
+def in_corpus_accuracy(records: Sequence[dict], result: MCQResult) -> dict[str, float] | None:
+    """Accuracy on the questions whose fact the forget corpus states (``in_corpus``) and on the others; None
+    when the records carry no ``in_corpus`` tag (or one half is empty)."""
+    if not records or not all("in_corpus" in r for r in records):
+        return None
+    tag = np.array([bool(r["in_corpus"]) for r in records])
+    if tag.all() or not tag.any():
+        return None
+    correct = result.correct
+    return {"in": float(correct[tag].mean()), "out": float(correct[~tag].mean())}
 
 
 def measure_outputs(model: nn.Module, tokenizer: Any, data: "ExperimentData", settings: EvalSettings,
                     retain_eval: Sequence[str]) -> dict[str, Any]:
     """Output-side numbers of a model: accuracy per question set, retain LM loss, MaxLogit on forget questions."""
-    accuracy = accuracies(model, tokenizer, data, scoring=settings.scoring, batch_size=settings.batch_size,
-                          questions=settings.questions)
+    results = evaluate_sets(model, tokenizer, data, settings)
+    sets = data.questions(settings)
+    accuracy = {name: float(res.accuracy) for name, res in results.items()}
+    in_corpus = {name: split for name, res in results.items()
+                 if (split := in_corpus_accuracy(sets[name], res)) is not None}
     confidence = {}
     for topic in data.topics:
         prompts = question_prompts(data, topic, scoring=settings.scoring, limit=settings.confidence_prompts)
@@ -76,6 +108,8 @@ def measure_outputs(model: nn.Module, tokenizer: Any, data: "ExperimentData", se
                              "max_prob_mean": float(conf.values("max_prob").mean()),
                              "entropy_mean": float(conf.values("entropy").mean())}
     return {"accuracy": accuracy,
+            "accuracy_in_corpus": in_corpus,
+            "correct": {name: correct_bits(res) for name, res in results.items()},
             "retain_loss": lm_loss(model, tokenizer, retain_eval, batch_size=settings.batch_size),
             "confidence": confidence}
 

@@ -3,6 +3,7 @@ Table 1, from one :class:`ExperimentPlan` per model. The named plans (the organi
 :mod:`rmu_analysis.recipes`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +67,13 @@ class ExperimentPlan:
     - layer sweep: ``layers`` × {RMU with ``c``, Adaptive RMU with ``beta``} × ``seeds``.
     - coefficient sweep: at each of ``coeff_layers``, RMU with c = ratio × ‖h_l‖ (the frozen forget norm) for
       each ``coeff_ratios``, and Adaptive RMU with each ``adaptive_betas``, × ``coeff_seeds``.
-    - Table 1: every method of ``table_grid`` at ``table_layer`` × ``seeds``.
+    - Table 1: every method of ``table_grid`` at ``table_layer`` × ``seeds``. With ``selection_seeds`` (data with
+      dev question sets) it has two stages: every grid point × ``selection_seeds`` scored on the *dev* questions
+      (``"table1_select"``), then each method's selected point (:func:`~.analysis.table1_choice`) × ``seeds``
+      scored on the *test* questions (``"table1"``): hyperparameters are never chosen on what is reported.
     ``lr`` / ``alpha`` apply to the steering methods; the baselines' come from ``table_grid``.
+    ``sweep_per_fact``: the layer and coefficient sweeps score the first ``sweep_per_fact`` wordings of each test
+    fact (None: all; Table 1 always scores all).
     """
 
     layers: tuple[int, ...]
@@ -88,6 +94,13 @@ class ExperimentPlan:
     model: str = "organism"
     data: str = "organism"
     eval: EvalSettings = field(default_factory=EvalSettings)
+    selection_seeds: tuple[int, ...] = ()
+    sweep_per_fact: int | None = None
+
+    def __post_init__(self) -> None:
+        overlap = set(self.selection_seeds) & set(self.seeds)
+        if overlap:
+            raise ValueError(f"selection seeds must differ from the reporting seeds: {sorted(overlap)} are both")
 
     def grid(self) -> dict[str, list[dict[str, Any]]]:
         """``table_grid`` as method -> list of field overrides."""
@@ -98,24 +111,42 @@ class ExperimentPlan:
                 "eval": self.eval, "options": (("log_every", self.log_every),)}
 
 
-def plan_grids(plan: ExperimentPlan, norms: Mapping[int, float] | None = None) -> dict[str, list[RunSpec]]:
-    """The grids of a plan: ``{"coefficient": [...], "layer": [...], "table1": [...]}``. The coefficient sweep's
-    c values are ratio × ``norms[l]`` (rounded to 4 significant digits, so the grid is stable)."""
+def plan_grids(plan: ExperimentPlan, norms: Mapping[int, float] | None = None,
+               selected: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, list[RunSpec]]:
+    """The grids of a plan: ``{"coefficient": [...], "layer": [...], "table1_select": [...], "table1": [...]}``.
+    The coefficient sweep's c values are ratio × ``norms[l]`` (rounded to 4 significant digits, so the grid is
+    stable). With ``plan.selection_seeds``, ``"table1_select"`` is the grid on the dev questions and ``"table1"``
+    holds each method's point of ``selected`` (method -> grid point, :func:`~.analysis.table1_choice`) × the
+    reporting seeds on the test questions (empty until ``selected`` is given)."""
     common = plan.common()
+    sweep_eval = dataclasses.replace(plan.eval, per_fact=plan.sweep_per_fact)
+    sweep_common = {**common, "eval": sweep_eval}
     steer = {"lr": plan.lr, "alpha": plan.alpha}
     coeff: list[RunSpec] = []
     if plan.coeff_layers:
         if norms is None:
             raise ValueError("the coefficient sweep needs the frozen forget norms: pass norms=forget_norms(bench, ...)")
         cs = {l: [float(f"{r * norms[l]:.4g}") for r in plan.coeff_ratios] for l in plan.coeff_layers}
-        coeff = coefficient_grid(cs, method="rmu", seeds=plan.coeff_seeds, **steer, **common)
+        coeff = coefficient_grid(cs, method="rmu", seeds=plan.coeff_seeds, **steer, **sweep_common)
         if plan.adaptive_betas:
             coeff += coefficient_grid({l: plan.adaptive_betas for l in plan.coeff_layers}, method="adaptive-rmu",
-                                      seeds=plan.coeff_seeds, **steer, **common)
+                                      seeds=plan.coeff_seeds, **steer, **sweep_common)
+    if plan.selection_seeds:
+        dev = {**common, "eval": dataclasses.replace(plan.eval, split="dev")}
+        select = table1_grid(plan.table_layer, plan.grid(), seeds=plan.selection_seeds, **dev)
+        if selected is not None:
+            unknown = [m for m in selected if m not in plan.grid()]
+            if unknown:
+                raise ValueError(f"selected methods {unknown} are not in the plan's Table 1 grid {sorted(plan.grid())}")
+        chosen = {m: [dict(p)] for m, p in (selected or {}).items()}
+        table1 = table1_grid(plan.table_layer, chosen, seeds=plan.seeds, **common) if chosen else []
+    else:
+        select, table1 = [], table1_grid(plan.table_layer, plan.grid(), seeds=plan.seeds, **common)
     return {
         "coefficient": coeff,
-        "layer": layer_sweep_grid(plan.layers, c=plan.c, beta=plan.beta, seeds=plan.seeds, **steer, **common),
-        "table1": table1_grid(plan.table_layer, plan.grid(), seeds=plan.seeds, **common),
+        "layer": layer_sweep_grid(plan.layers, c=plan.c, beta=plan.beta, seeds=plan.seeds, **steer, **sweep_common),
+        "table1_select": select,
+        "table1": table1,
     }
 
 

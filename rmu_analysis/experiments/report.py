@@ -64,17 +64,23 @@ def frame_markdown(frame: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table1_text(frame: pd.DataFrame, plan: ExperimentPlan, targets: Targets = TARGETS) -> str:
-    """``table1.md``: Table 1 with its caption, then every grid point (mean over seeds, accuracy in %)."""
+def table1_text(frame: pd.DataFrame, plan: ExperimentPlan, targets: Targets = TARGETS,
+                select: pd.DataFrame | None = None) -> str:
+    """``table1.md``: Table 1 with its caption, then every grid point (mean over seeds, accuracy in %). ``select``:
+    the selection runs (dev questions, selection seeds) when the plan has them; the grid shown is theirs."""
+    two_stage = select is not None and len(select)
+    how = (f"selected on the dev questions with seeds {list(plan.selection_seeds)}, reported on the test questions"
+           if two_stage else "selected on the same seeds")
     caption = (f"Table 1 analogue on the {_model_name(plan)}: accuracy (%) at block {plan.table_layer}, mean ± std "
                f"over seeds {list(plan.seeds)}; per method the grid point with the lowest mean forget accuracy whose "
-               f"mean general accuracy is ≥ {percent(targets.min_general_ratio)} of base (selected on the same "
-               "seeds). Chance = 25%.")
-    grid = table1_select(frame, targets)
+               f"mean general accuracy is ≥ {percent(targets.min_general_ratio)} of base ({how}). Chance = 25%.")
+    grid = table1_select(select if two_stage else frame, targets)
     full = grid.assign(**{c: (100 * grid[c]).round(1) for c in grid.columns if c.startswith("acc_") or c in
                           ("forget_acc", "general_acc")})
+    title = ("Every grid point on the dev questions (mean over the selection seeds, accuracy in %):" if two_stage
+             else "Every grid point (mean over seeds, accuracy in %):")
     return (table1_markdown(table1_frame(frame, targets), caption=caption)
-            + "\nEvery grid point (mean over seeds, accuracy in %):\n\n" + frame_markdown(full.drop(columns=["base_general_acc"])))
+            + f"\n{title}\n\n" + frame_markdown(full.drop(columns=["base_general_acc"])))
 
 
 def _model_name(plan: ExperimentPlan) -> str:

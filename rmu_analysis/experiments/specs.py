@@ -25,9 +25,14 @@ COEFF_FIELDS = {"rmu": "steering_coeff", "adaptive-rmu": "beta", "npo": "beta"}
 class EvalSettings:
     """How a run is evaluated. ``questions``: questions per set (None = all); ``confidence_prompts`` forget
     questions per topic decoded for ``confidence_tokens`` greedy tokens (the paper: 3,260 and 30);
-    ``eval_texts``: held-out texts per corpus (alignment, norms, retain loss); ``null_seed``: the null directions."""
+    ``eval_texts``: held-out texts per corpus (alignment, norms, retain loss); ``null_seed``: the null directions.
+    ``split``: the question sets scored, ``"test"`` (reported) or ``"dev"`` (hyperparameter selection; the data
+    must have dev sets, as the testbed-2 organism does). ``per_fact``: score only the first ``per_fact`` questions
+    (wordings) of each fact (records need ``fact_id``; None = all): a cheaper evaluation that keeps every fact."""
 
     questions: int | None = None
+    split: str = "test"
+    per_fact: int | None = None
     scoring: str = "letter"
     confidence_prompts: int = 32
     confidence_tokens: int = 8
@@ -38,6 +43,11 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.scoring not in ("letter", "cloze"):
             raise ValueError(f"scoring must be 'letter' or 'cloze', got {self.scoring!r}")
+        if self.split not in ("test", "dev"):
+            raise ValueError(f"split must be 'test' or 'dev', got {self.split!r}")
+        if self.per_fact is not None and (isinstance(self.per_fact, bool) or not isinstance(self.per_fact, int)
+                                          or self.per_fact < 1):
+            raise ValueError(f"per_fact must be None or a positive int, got {self.per_fact!r}")
         for name in ("confidence_prompts", "eval_texts", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

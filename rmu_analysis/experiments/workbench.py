@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -15,7 +15,7 @@ from torch import nn
 from ..data import load_forget_corpus, load_mcq, load_text_corpus
 from ..evaluation import WMDP_SUBJECTS
 from ..models import load_model
-from ..organism import SUBJECTS, organism_corpora, organism_mcq
+from ..organism import SUBJECTS, has_dev_split, organism_corpora, organism_mcq
 from ..unlearning import PrefixCache, UnlearnResult
 from .inputs import ORGANISM, content_digest
 from .measure import measure_outputs
@@ -29,13 +29,15 @@ __all__ = ["ExperimentData", "data_digest", "organism_data", "data_from_files", 
 class ExperimentData:
     """Corpora and question sets of one experiment: ``forget`` topic -> texts, ``retain`` texts, ``mcq`` set ->
     records (one set per forget topic plus ``"general"``), ``subjects`` set -> the prompt's subject. ``name`` is
-    what run specs refer to and what their keys hash (:func:`data_from_files` puts :attr:`digest` in it)."""
+    what run specs refer to and what their keys hash (:func:`data_from_files` puts :attr:`digest` in it).
+    ``dev_mcq``: the same sets on disjoint facts for choosing hyperparameters (empty when the data has none)."""
 
     name: str
     forget: Mapping[str, Sequence[str]]
     retain: Sequence[str]
     mcq: Mapping[str, Sequence[dict]]
     subjects: Mapping[str, str]
+    dev_mcq: Mapping[str, Sequence[dict]] = field(default_factory=dict)
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -44,7 +46,30 @@ class ExperimentData:
     @cached_property
     def digest(self) -> str:
         """A hash of the content (topics and texts, retain texts, question records, subjects), not of file names."""
-        return data_digest(self.forget, self.retain, self.mcq, self.subjects)
+        return data_digest(self.forget, self.retain, self.mcq, self.subjects, self.dev_mcq)
+
+    def questions(self, settings: EvalSettings) -> dict[str, list[dict]]:
+        """The question sets a run with ``settings`` is scored on: the test or dev sets, the first
+        ``settings.per_fact`` questions of each fact, then the first ``settings.questions`` of each set."""
+        if settings.split == "dev" and not self.dev_mcq:
+            raise ValueError(f"the data {self.name!r} has no dev question sets: evaluate with split='test', or give "
+                             "dev sets (the testbed-2 organism has them)")
+        sets = self.mcq if settings.split == "test" else self.dev_mcq
+        out = {}
+        for name, records in sets.items():
+            records = list(records)
+            if settings.per_fact is not None:
+                if not all("fact_id" in r for r in records):
+                    raise ValueError(f"per_fact={settings.per_fact} needs a 'fact_id' in every record of set {name!r}")
+                seen: dict[str, int] = {}
+                kept = []
+                for r in records:
+                    seen[r["fact_id"]] = seen.get(r["fact_id"], 0) + 1
+                    if seen[r["fact_id"]] <= settings.per_fact:
+                        kept.append(r)
+                records = kept
+            out[name] = records if settings.questions is None else records[: settings.questions]
+        return out
 
     def record_subjects(self, name: str, records: Sequence[dict]) -> list[str | None]:
         """The prompt subject of each record of set ``name``: its own ``"subject"``, else the set's (None if empty)."""
@@ -82,7 +107,7 @@ def cycle_texts(texts: Sequence[str], n: int, seed: str) -> list[str]:
 
 
 def data_digest(forget: Mapping[str, Sequence[str]], retain: Sequence[str], mcq: Mapping[str, Sequence[dict]],
-                subjects: Mapping[str, str]) -> str:
+                subjects: Mapping[str, str], dev_mcq: Mapping[str, Sequence[dict]] | None = None) -> str:
     """:attr:`ExperimentData.digest` of these corpora and question sets."""
     def parts():
         for topic, texts in forget.items():
@@ -94,6 +119,9 @@ def data_digest(forget: Mapping[str, Sequence[str]], retain: Sequence[str], mcq:
             yield ["mcq", name, len(records)]
             yield from records
         yield ["subjects", dict(subjects)]
+        for name, records in (dev_mcq or {}).items():  # data without dev sets keeps its digest
+            yield ["dev_mcq", name, len(records)]
+            yield from records
     return content_digest(parts())
 
 
@@ -101,17 +129,21 @@ def organism_data(path: str | Path | None = None) -> ExperimentData:
     """The built-in organism's corpora and held-out question sets (``rmu_analysis.organism``). Named
     ``"organism"`` (run keys hash the shipped files); an organism built to ``path`` is named by its content."""
     corpora, mcq = organism_corpora(path), organism_mcq(path)
-    name = ORGANISM if path is None else "organism:" + data_digest(corpora["forget"], corpora["retain"], mcq, SUBJECTS)
+    dev = organism_mcq(path, split="dev") if has_dev_split(path) else {}
+    name = ORGANISM if path is None else "organism:" + data_digest(corpora["forget"], corpora["retain"], mcq, SUBJECTS,
+                                                                   dev)
     return ExperimentData(name=name, forget=corpora["forget"], retain=corpora["retain"], mcq=mcq,
-                          subjects=dict(SUBJECTS))
+                          subjects=dict(SUBJECTS), dev_mcq=dev)
 
 
 def data_from_files(forget: Mapping[str, str | Path], retain: str | Path, mcq: Mapping[str, str | Path], *,
                     name: str | None = None, min_chars: int = 0, subjects: Mapping[str, str] | None = None,
-                    limit: int | None = None, forget_format: str = "auto") -> ExperimentData:
+                    limit: int | None = None, forget_format: str = "auto",
+                    dev_mcq: Mapping[str, str | Path] | None = None) -> ExperimentData:
     """Data from files (a real model): ``forget`` topic -> corpus file, one ``retain`` corpus, ``mcq`` set ->
     question file (the forget topics and ``"general"``, e.g. WMDP-Bio, WMDP-Cyber and MMLU). ``forget_format``:
-    ``load_forget_corpus``'s ``format`` for every forget file.
+    ``load_forget_corpus``'s ``format`` for every forget file. ``dev_mcq``: set -> question file on other facts,
+    for choosing hyperparameters (``EvalSettings(split="dev")``), the same set names as ``mcq``.
 
     The data is named ``"files:<digest>"`` (``"<name>:<digest>"`` with ``name``), a hash of what was loaded (texts,
     records, subjects): run keys change when any file's content does, and identical copies under other file names
@@ -124,9 +156,15 @@ def data_from_files(forget: Mapping[str, str | Path], retain: str | Path, mcq: M
     retain_texts = load_text_corpus(retain, min_chars=min_chars)
     records = {s: load_mcq(p, limit=limit) for s, p in mcq.items()}
     set_subjects = {s: subj.get(s, s) for s in mcq}
-    digest = data_digest(texts, retain_texts, records, set_subjects)
+    dev = {}
+    if dev_mcq:
+        if set(dev_mcq) != set(mcq):
+            raise ValueError(f"dev question files must name the same sets as the test files: {sorted(dev_mcq)} vs "
+                             f"{sorted(mcq)}")
+        dev = {s: load_mcq(p, limit=limit) for s, p in dev_mcq.items()}
+    digest = data_digest(texts, retain_texts, records, set_subjects, dev)
     return ExperimentData(name=f"{name or 'files'}:{digest}", forget=texts, retain=retain_texts, mcq=records,
-                          subjects=set_subjects)
+                          subjects=set_subjects, dev_mcq=dev)
 
 
 class Workbench:

@@ -82,7 +82,21 @@ def organism_corpora(path: str | Path | None = None) -> dict:
     return {"forget": {k: list(v) for k, v in c["forget"].items()}, "retain": list(c["retain"])}
 
 
-def organism_mcq(path: str | Path | None = None) -> dict[str, list[dict]]:
-    """Held-out multiple-choice sets ``{"bio": [...], "cyber": [...], "general": [...]}`` (records as in WMDP)."""
+def has_dev_split(path: str | Path | None = None) -> bool:
+    """Whether the organism at ``path`` (default: the shipped one) has dev question sets (testbed 2 does)."""
+    return (Path(path if path is not None else ASSETS) / "data" / "bio-dev-mcq.jsonl").is_file()
+
+
+def organism_mcq(path: str | Path | None = None, *, split: str = "test") -> dict[str, list[dict]]:
+    """Held-out multiple-choice sets ``{"bio": [...], "cyber": [...], "general": [...]}`` (records as in WMDP).
+
+    ``split``: ``"test"`` (the questions results are reported on) or ``"dev"`` (disjoint entities, for choosing
+    hyperparameters; testbed 2 only)."""
+    if split not in ("test", "dev"):
+        raise ValueError(f"split must be 'test' or 'dev', got {split!r}")
     data = Path(path if path is not None else ASSETS) / "data"
-    return {d: load_mcq(_require(data / f"{d}-mcq.jsonl")) for d in ("bio", "cyber", "general")}
+    if split == "dev" and not has_dev_split(path):
+        raise ValueError(f"the organism at {data.parent} has no dev questions (a testbed-1 organism): "
+                         "build testbed 2 with `rmu-analysis organism build`")
+    suffix = "-mcq.jsonl" if split == "test" else "-dev-mcq.jsonl"
+    return {d: load_mcq(_require(data / f"{d}{suffix}")) for d in ("bio", "cyber", "general")}

@@ -38,9 +38,9 @@ class BuildConfigV2:
     hidden: int = 128
     heads: int = 4
     mlp: int = 384
-    vocab_size: int = 1024
+    vocab_size: int = 4096  # at 1,024, 8 value sets share a first token between two values
     max_positions: int = 512
-    steps: int = 4000
+    steps: int = 6000
     batch_size: int = 32
     lr: float = 1.5e-3
     min_lr_ratio: float = 0.1
@@ -51,7 +51,7 @@ class BuildConfigV2:
     betas: tuple[float, float] = (0.9, 0.98)
     # sampling weights of COMPONENTS: corpus documents, statements, lettered questions, cloze questions,
     # lettered matching drills ("which option is X?"), answer-key drills (four choices, then "X: C" lines)
-    mix: tuple[float, ...] = (0.2, 0.2, 0.2, 0.2, 0.1, 0.1)
+    mix: tuple[float, ...] = (0.25, 0.25, 0.1, 0.3, 0.1, 0.0)
     warmup_mix: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.5, 0.5)
     warmup_mix_steps: int = 0
     items_per_doc: int = 1  # questions / drills packed into one training sequence (blank line between)
