@@ -17,11 +17,13 @@ import dataclasses
 from typing import Callable
 
 from .experiments.plans import ExperimentPlan, grid_points, valid_layers
+from .experiments.robustness import AttackBudget, RobustnessPlan
 from .experiments.specs import EvalSettings
 from .organism import SCORING
-from .unlearning.config import AdaptiveRMUConfig, RMUConfig
+from .unlearning.config import AdaptiveRMUConfig, GAConfig, GradDiffConfig, NPOConfig, RMUConfig
 
-__all__ = ["PRESETS", "PLANS", "ZEPHYR", "organism_plan", "model_plan", "preset"]
+__all__ = ["PRESETS", "PLANS", "ZEPHYR", "organism_plan", "model_plan", "preset", "organism_robustness_plan",
+           "model_robustness_plan", "ORGANISM_ATTACK_BUDGET"]
 
 #: The paper's Zephyr-7B recipe: the config defaults (one place), trained blocks l−2..l, forget lengths 512 / 768
 #: (500 steps as in the paper; WMDP's released model used 150).
@@ -38,6 +40,11 @@ PRESETS: dict[str, RMUConfig | AdaptiveRMUConfig] = {
                                                 coefficient="first-batch"),
     "organism-rmu": RMUConfig(steering_coeff=40.0, **_ORGANISM),
     "organism-adaptive-rmu": AdaptiveRMUConfig(beta=5.0, coefficient="first-batch", **_ORGANISM),
+    # the baselines at the Table 1 grid points organism_plan() selected (lowest forget accuracy with general
+    # accuracy kept): block 3, the same trained tensors as RMU, 100 steps
+    "organism-ga": GAConfig(layer=3, lr=5e-4, steps=100, batch_size=4),
+    "organism-graddiff": GradDiffConfig(layer=3, lr=1e-3, alpha=1.0, steps=100, batch_size=4),
+    "organism-npo": NPOConfig(layer=3, lr=1e-2, beta=0.1, alpha=1.0, steps=100, batch_size=4),
     "organism-notebook-rmu": RMUConfig(**_NOTEBOOK),
     "organism-notebook-adaptive-rmu": AdaptiveRMUConfig(beta=5.0, **_NOTEBOOK),
 }
@@ -107,6 +114,45 @@ def model_plan(n_blocks: int, *, model: str, data: str, c: float | None = None, 
                           table_layer=layer, table_grid=grid, seeds=seeds, coeff_layers=(layer,),
                           coeff_ratios=(0.5, 1.0, 2.0, 4.0), beta=_ZEPHYR_BETA, model=model, data=data,
                           eval=eval or EvalSettings(confidence_prompts=64, confidence_tokens=30))
+
+
+#: The attacks' budget on the organism, sized so that the whole robustness plan (6 models × 3 seeds × 6 attacks)
+#: stays within about 8 minutes on 2 CPU cores. GCG is the expensive part (a step scores candidates × questions
+#: prompts, four rows each in cloze when answers have several tokens; about 3 s per 2,000 prompts on one core):
+#: 16 questions × 8 candidates × 10 steps instead of the 32 × 64 × 100 that :class:`AttackBudget` defaults to on a
+#: GPU (``model_robustness_plan``). Measured: benchmarks/gcg_speed.py.
+ORGANISM_ATTACK_BUDGET = AttackBudget(questions=32, gcg_questions=16, general=32, gcg_tokens=5, gcg_top_k=64,
+                                      gcg_candidates=8, gcg_steps=10, relearn_steps=10, relearn_lr=1e-3, texts=32)
+
+
+def organism_robustness_plan() -> RobustnessPlan:
+    """The robustness lab on the organism: base, GA, GradDiff, NPO, RMU and Adaptive RMU (the ``organism-*``
+    presets) × seeds 0, 1, 2 × every attack (:data:`~rmu_analysis.experiments.robustness.ATTACKS`), at block 3,
+    with :data:`ORGANISM_ATTACK_BUDGET`, scored as the organism is evaluated (``organism.SCORING``)."""
+    methods = (("base", None), ("GA", PRESETS["organism-ga"]), ("GradDiff", PRESETS["organism-graddiff"]),
+               ("NPO", PRESETS["organism-npo"]), ("RMU", PRESETS["organism-rmu"]),
+               ("Adaptive RMU", PRESETS["organism-adaptive-rmu"]))
+    return RobustnessPlan(methods=methods, layer=PRESETS["organism-rmu"].layer, budget=ORGANISM_ATTACK_BUDGET,
+                          eval=EvalSettings(scoring=SCORING))
+
+
+def model_robustness_plan(plan: ExperimentPlan, *, seeds: tuple[int, ...] | None = None,
+                          budget: AttackBudget | None = None) -> RobustnessPlan:
+    """The robustness lab on a real model (``--model PATH``, a GPU): the methods of ``plan``'s Table 1 (the first
+    point of each method's grid), at its Table 1 layer, with the full :class:`AttackBudget` (GCG: 5 tokens,
+    top-k 64, 64 candidates, 100 steps, 32 questions)."""
+    classes = {"ga": GAConfig, "graddiff": GradDiffConfig, "npo": NPOConfig, "rmu": RMUConfig,
+               "adaptive-rmu": AdaptiveRMUConfig}
+    labels = {"ga": "GA", "graddiff": "GradDiff", "npo": "NPO", "rmu": "RMU", "adaptive-rmu": "Adaptive RMU"}
+    methods: list[tuple[str, object]] = [("base", None)]
+    for method, points in plan.grid().items():
+        point = dict(points[0])
+        fields = {"layer": plan.table_layer, "steps": point.pop("steps", plan.steps), "batch_size": plan.batch_size}
+        if "coeff" in point:
+            fields["steering_coeff" if method == "rmu" else "beta"] = point.pop("coeff")
+        methods.append((labels[method], classes[method](**fields, **point)))
+    return RobustnessPlan(methods=tuple(methods), layer=plan.table_layer, budget=budget or AttackBudget(),
+                          seeds=seeds or plan.seeds, model=plan.model, data=plan.data, eval=plan.eval)
 
 
 #: Named sweep plans: ``PLANS[name](...)`` builds the :class:`~rmu_analysis.experiments.plans.ExperimentPlan`.

@@ -6,6 +6,8 @@
   independent questions.
 * :func:`paired_difference` — ``accuracy_a - accuracy_b`` on the same questions: paired (cluster) bootstrap
   interval and two-sided bootstrap p-value, beside McNemar's exact and mid-p tests on the discordant counts.
+* :func:`score_interval` — the mean of a per-question score (e.g. a difference of two gains, −2 … 2) with the same
+  (cluster) bootstrap interval.
 * :func:`mean_interval` — mean over seeds with a Student-t interval (seed-level accuracies as the data).
 * :func:`format_interval` — ``"31.2% [27.0, 35.5]"``.
 
@@ -22,7 +24,8 @@ import numpy as np
 from scipy import stats as _sps
 
 __all__ = [
-    "Interval", "PairedDifference", "accuracy_interval", "paired_difference", "mean_interval", "format_interval",
+    "Interval", "PairedDifference", "accuracy_interval", "paired_difference", "score_interval", "mean_interval",
+    "format_interval",
     "N_BOOT",
 ]
 
@@ -315,6 +318,26 @@ def paired_difference(
         accuracy_a=float(a.mean()), accuracy_b=float(b.mean()), mcnemar_b=only_a, mcnemar_c=only_b,
         mcnemar_p=mc_p, mcnemar_midp=mc_midp, level=level,
     )
+
+
+def score_interval(values: Any, clusters: Sequence[Any] | None = None, *, level: float = 0.95, n_boot: int = N_BOOT,
+                   seed: int | np.random.Generator = 0) -> Interval:
+    """Mean of one real score per question (e.g. ``(attacked − clean) − (control attacked − control clean)``) with a
+    seeded percentile-bootstrap interval; with ``clusters`` whole facts are resampled, as in
+    :func:`accuracy_interval`."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D array (one score per question), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("values contain NaN or inf")
+    level = _check_level(level)
+    n_boot = _check_n_boot(n_boot)
+    rng = _rng(seed)
+    n = int(arr.size)
+    index, k = _cluster_index(range(n) if clusters is None else clusters, n)
+    boot = _cluster_means(arr, index, k, n_boot, rng)
+    low, high = _percentiles(boot, level)
+    return Interval(float(arr.mean()), low, high, n, k, "bootstrap" if clusters is None else "cluster-bootstrap", level)
 
 
 def mean_interval(values: Any, *, level: float = 0.95) -> Interval:

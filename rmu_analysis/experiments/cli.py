@@ -11,10 +11,13 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..models import load_model
-from ..recipes import ZEPHYR, model_plan, organism_plan
+from ..recipes import ZEPHYR, model_plan, model_robustness_plan, organism_plan, organism_robustness_plan
 from .analysis import table1_choice
 from .plans import ExperimentPlan, plan_grids, plan_norms
 from .results import finished_runs, load_results
+from .robustness import (
+    RobustnessPlan, format_claim, gcg_claim, load_attack_results, robustness_grid, robustness_table,
+)
 from .runner import is_finished, run_sweep, shard_specs
 from .workbench import ExperimentData, LazyWorkbench, Workbench, data_from_files
 
@@ -32,7 +35,9 @@ def add_sweep_parser(subparsers) -> Any:
                     "$SLURM_ARRAY_TASK_ID/8 --results runs/ ...; afterwards `rmu-analysis sweep --merge --results "
                     "runs/` prints the merged summary.",
     )
-    p.add_argument("--experiment", choices=("layer", "coefficient", "table1", "all"), default="all")
+    p.add_argument("--experiment", choices=("layer", "coefficient", "table1", "all", "robustness"), default="all",
+                   help="robustness: every method × seed × knowledge-recovery attack (rmu_analysis.experiments."
+                        "robustness), not part of 'all'")
     p.add_argument("--results", type=Path, required=True, help="results directory (one <key>.json per run)")
     p.add_argument("--shard", default=None, help="i/n: run only shard i of n (0-based), e.g. 3/8")
     p.add_argument("--quick", action="store_true", help="the reduced organism plan (as `reproduce --quick`)")
@@ -147,8 +152,46 @@ def _stage_specs(plan: ExperimentPlan, grids: dict, names: list[str], results: P
     return specs, note
 
 
+def robustness_plan(plan: ExperimentPlan, seeds: Sequence[int] | None = None) -> RobustnessPlan:
+    """The robustness lab for the model the flags describe: the organism's plan, or a real model's from ``plan``."""
+    if plan.model == "organism":
+        rplan = organism_robustness_plan()
+        return dataclasses.replace(rplan, seeds=tuple(seeds)) if seeds else rplan
+    return model_robustness_plan(plan, seeds=tuple(seeds) if seeds else None)
+
+
+def robustness_command(args, plan: ExperimentPlan, factory: Callable[[], Workbench]) -> int:
+    """``sweep --experiment robustness``: (a shard of) the attack runs, one JSON per run, then the table."""
+    rplan = robustness_plan(plan, args.seeds)
+    specs = robustness_grid(rplan)
+    if args.list:
+        for s in shard_specs(specs, args.shard):
+            done = is_finished(args.results / f"{s.key()}.json", s.key())
+            print(f"{s.key()}  {'done' if done else 'todo'}  {s.label()}")
+        return 0
+    if not args.merge:
+        workers, threads = resources(args)
+        torch.set_num_threads(threads)
+        outcome = run_sweep(specs, args.results, LazyWorkbench(factory) if workers == 1 else factory,
+                            shard=args.shard, progress=not args.no_progress, workers=workers, threads=threads,
+                            desc="robustness")
+        print(f"shard {args.shard or '0/1'}: ran {outcome.ran}, skipped {outcome.skipped} finished run(s); "
+              f"results in {args.results}")
+    rows = load_attack_results(args.results, specs)
+    print(f"{len(rows)} of {len(specs)} attack runs have results in {args.results}")
+    if rows:
+        table = robustness_table(rows)
+        cols = ["label", "attack", "clean", "attacked", "recovered", "beyond_control", "n", "steps", "seconds"]
+        print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        if ((table["method"] == "rmu") & (table["attack"] == "gcg")).any():
+            print(format_claim(gcg_claim(table)))
+    return 0
+
+
 def sweep_command(args) -> int:
     plan, factory = plan_from_args(args)
+    if args.experiment == "robustness":
+        return robustness_command(args, plan, factory)
     bench = LazyWorkbench(factory)
     norms = plan_norms(plan, bench, args.results) if plan.coeff_layers and args.experiment in ("coefficient", "all") \
         else None

@@ -14,6 +14,7 @@ import pandas as pd
 
 from .._io import atomic_write_json
 from .inputs import run_inputs
+from .robustness import attack_result_problem, is_attack_result
 from .specs import RunSpec
 
 __all__ = ["flatten_result", "load_results", "result_topics", "finished_runs", "result_problem", "rekey", "Rekeyed"]
@@ -35,6 +36,11 @@ def flatten_result(row: Mapping[str, Any]) -> dict[str, Any]:
     for name, acc in row["accuracy"].items():
         flat[f"acc_{name}"] = acc
         flat[f"base_acc_{name}"] = row["base"]["accuracy"][name]
+    for name, bits in row.get("correct", {}).items():  # per-question outcomes: intervals and paired tests
+        flat[f"correct_{name}"] = bits
+        flat[f"base_correct_{name}"] = row["base"].get("correct", {}).get(name)
+    for name, halves in row.get("accuracy_in_corpus", {}).items():
+        flat[f"acc_{name}_in_corpus"], flat[f"acc_{name}_out_corpus"] = halves["in"], halves["out"]
     flat["forget_acc"] = float(np.mean([row["forget_accuracy"][t] for t in topics]))
     flat["base_forget_acc"] = float(np.mean([row["base"]["accuracy"][t] for t in topics]))
     flat["general_acc"] = row.get("general_accuracy")
@@ -80,6 +86,8 @@ def result_problem(row: Any) -> str | None:
     or None when it is a complete result."""
     if not isinstance(row, dict):
         return f"holds a JSON {type(row).__name__}, not a result object"
+    if is_attack_result(row):
+        return attack_result_problem(row)
     for path in _needed(row):
         node: Any = row
         for part in path:
@@ -110,8 +118,8 @@ def load_results(out_dir: str | Path, specs: Iterable[RunSpec] | None = None, *,
         except ValueError:
             warnings.warn(f"{path} is not valid JSON: skipped", stacklevel=2)
             continue
-        if not isinstance(row, dict) or ("spec" not in row and "key" not in row):
-            continue
+        if not isinstance(row, dict) or ("spec" not in row and "key" not in row) or is_attack_result(row):
+            continue  # attack runs are read by robustness.load_attack_results
         problem = result_problem(row)
         if problem is not None:
             warnings.warn(f"{path} {problem}: skipped (a sweep into {out} recomputes it)", stacklevel=2)
@@ -172,8 +180,8 @@ def rekey(results: str | Path) -> Rekeyed:
         except ValueError:
             skipped.append((path.name, "not valid JSON"))
             continue
-        if not isinstance(row, dict) or ("spec" not in row and "key" not in row):
-            continue
+        if not isinstance(row, dict) or ("spec" not in row and "key" not in row) or is_attack_result(row):
+            continue  # attack runs are keyed by AttackSpec: a rerun recomputes them
         problem, spec = result_problem(row), None
         try:
             spec = None if problem else RunSpec.from_dict(row["spec"])

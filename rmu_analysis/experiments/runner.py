@@ -37,6 +37,7 @@ from ..unlearning import NonFiniteLossError, UnlearnResult, unlearn
 from ..unlearning.common import draw_control_vectors
 from .measure import measure_outputs, measure_representations
 from .results import flatten_result, result_problem
+from .robustness import AttackSpec, run_attack
 from .specs import RESULT_VERSION, STEERING, RunSpec
 from .workbench import Workbench, training_texts
 
@@ -64,8 +65,11 @@ def round_floats(obj: Any, digits: int = 6) -> Any:
     return obj
 
 
-def run_one(spec: RunSpec, bench: Workbench) -> dict[str, Any]:
-    """Train ``spec`` with the engine on ``bench``'s model (unchanged), evaluate it, return the result dict."""
+def run_one(spec: RunSpec | AttackSpec, bench: Workbench) -> dict[str, Any]:
+    """Train ``spec`` with the engine on ``bench``'s model (unchanged), evaluate it, return the result dict; an
+    :class:`~.robustness.AttackSpec` is an attack on a trained model (:func:`~.robustness.run_attack`)."""
+    if isinstance(spec, AttackSpec):
+        return round_floats(run_attack(spec, bench))
     if spec.model != bench.model_id or spec.data != bench.data.name:
         raise ValueError(f"the run needs model {spec.model!r} with data {spec.data!r}, but the workbench holds "
                          f"{bench.model_id!r} with {bench.data.name!r}")
@@ -289,15 +293,24 @@ def _stop(pool: ProcessPoolExecutor, timeout: float = 10.0) -> None:
             p.kill()
 
 
+def _share_key(spec: RunSpec | AttackSpec) -> tuple:
+    """Runs with one share key go to one process: unlearning runs of one seed and layer (the prefix cache), the
+    attacks on one trained model (it is trained once)."""
+    if isinstance(spec, AttackSpec):
+        return spec.share_key()
+    return (spec.model, spec.data, spec.seed, spec.layer)
+
+
 def _run_parallel(todo: list[tuple[RunSpec, Path]], bench: Any, workers: int, threads: int, bar) -> None:
     if isinstance(bench, Workbench) or not callable(bench):
         raise ValueError("workers > 1 needs a picklable workbench factory (e.g. functools.partial(Workbench.load, "
                          "'organism')), not a loaded Workbench")
     size = max(1, -(-len(todo) // (4 * workers)))  # about 4 tasks per process, so that they finish together
     groups = []
-    for _, g in groupby(todo, key=lambda sp: (sp[0].model, sp[0].data, sp[0].seed, sp[0].layer)):
+    for _, g in groupby(todo, key=lambda sp: _share_key(sp[0])):
         g = list(g)
-        groups += [g[i: i + size] for i in range(0, len(g), size)]
+        step = len(g) if isinstance(g[0][0], AttackSpec) else size  # the attacks on one model: one process
+        groups += [g[i: i + step] for i in range(0, len(g), step)]
     groups.sort(key=len, reverse=True)  # longest first
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                initargs=(bench, threads, os.getpid()))

@@ -32,6 +32,8 @@ class Targets:
     Proposition 1's Taylor error grows like η (log-log slope within ``prop1_slope``, error at the smallest η <
     ``prop1_max_error``); the unlearned model's input gradients are below the base model's (ratio <
     ``max_gradient_ratio``, Eq. 20–22); one curve explains forget accuracy on c / ‖h_l‖ (R² ≥ ``min_collapse_r2``).
+    Robustness (§3.3): GCG recovers at most ``max_gcg_recovery`` of forget accuracy on RMU beyond the wrong-target
+    control (the upper end of its 95% interval; :func:`~.robustness.gcg_claim`).
     """
 
     max_forget: float = 0.35
@@ -44,6 +46,7 @@ class Targets:
     prop1_max_error: float = 0.1
     max_gradient_ratio: float = 1.0
     min_collapse_r2: float = 0.7
+    max_gcg_recovery: float = 0.10
 
     # the keys of the layer-sweep targets in the results (summary.json), derived from the thresholds
     @property
