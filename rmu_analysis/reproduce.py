@@ -2,7 +2,9 @@
 
 In order: the theory checks (noise sensitivity, Fig. 1; Proposition 1; Eq. 19; the input-gradient argument),
 the coefficient sweep (Fig. 2 / Fig. 3 and the c / ‖h_l‖ collapse), the layer sweep (Fig. 5, × 3 seeds) and
-Table 1 (× 3 seeds). Every run is one JSON file in ``<out>/results/`` (resumable: an interrupted reproduce
+Table 1 (× 3 seeds); before them the robustness lab (knowledge-recovery attacks on every method × 3 seeds,
+``experiments.robustness``; ``--only robustness`` runs it alone and writes only its files). Every run is one JSON
+file in ``<out>/results/`` (resumable: an interrupted reproduce
 continues where it stopped; ``fresh=True`` recomputes). Writes the figures (PNG), ``table1.md``,
 ``summary.md`` (which claims held, with the numbers) and ``summary.json`` to ``<out>`` (default ``figures/``,
 ``figures/quick/`` for the reduced ``--quick`` plan). :func:`reproduce` only orchestrates: the numbers come from
@@ -27,11 +29,12 @@ import torch
 
 from ._io import atomic_write_json, atomic_write_text
 from .experiments.analysis import summarize, table1_choice, table1_frame
-from .experiments.cli import add_model_arguments, plan_from_args, resources
+from .experiments.cli import add_model_arguments, plan_from_args, resources, robustness_plan
 from .experiments.figures import sweep_figures
 from .experiments.plans import ExperimentPlan, plan_grids, plan_norms
 from .experiments.report import summary_markdown, table1_markdown, table1_text
 from .experiments.results import load_results
+from .experiments.robustness_report import robustness_report
 from .experiments.runner import run_sweep
 from .experiments.targets import TARGETS, Targets
 from .experiments.theory_checks import theory_checks
@@ -41,7 +44,7 @@ from .recipes import organism_plan
 __all__ = ["reproduce", "add_reproduce_parser", "EXPERIMENTS"]
 
 #: The parts of a reproduction, in the order they run.
-EXPERIMENTS = ("theory", "coefficient", "layer", "table1")
+EXPERIMENTS = ("theory", "coefficient", "layer", "table1", "robustness")
 _SWEEPS = (("coefficient", "coefficient sweep"), ("layer", "layer sweep"),
            ("table1_select", "Table 1, selection on dev"), ("table1", "Table 1"))
 
@@ -71,6 +74,16 @@ def reproduce(out_dir: str | Path | None = None, *, quick: bool = False, plan: E
     trained: dict[str, int] = {}  # runs trained by this call, per experiment
     reused: dict[str, int] = {}  # runs whose result file was already there
     done_now: set[str] = set()  # keys trained or found finished by this call
+
+    robust: dict[str, Any] = {}
+    if "robustness" in experiments:  # the attack runs (robustness.md, robustness_*.png); alone: nothing else written
+        t = time.perf_counter()
+        robust = robustness_report(out, results, robustness_plan(plan), lazy if workers == 1 else bench,
+                                   workers=workers, threads=threads or 1, fresh=fresh, progress=progress,
+                                   targets=targets)
+        seconds["robustness"] = time.perf_counter() - t
+        if set(experiments) == {"robustness"}:
+            return robust
 
     theory: dict[str, Any] = {}
     if "theory" in experiments:
@@ -108,7 +121,9 @@ def reproduce(out_dir: str | Path | None = None, *, quick: bool = False, plan: E
     summary["seconds"] = seconds
     summary["runs_trained"], summary["runs_reused"] = trained, reused
     summary["cpu_seconds"] = _cpu_seconds() - cpu_start  # this process and its finished worker processes
-    summary["figures"] = figures
+    summary["figures"] = figures + (robust.get("figures") or [])
+    if robust:
+        summary["robustness"] = robust["claim"]  # the §3.3 verdict; the table is in robustness.md / .json
     summary["plan"] = json.loads(json.dumps(dataclasses.asdict(plan), default=str))
     md = summary_markdown(summary, plan, seconds, quick, targets=targets)
     if len(frames["table1"]):

@@ -162,3 +162,17 @@ def test_score_interval_matches_the_paired_difference():
     assert (s.estimate, s.low, s.high) == pytest.approx((d.diff, d.low, d.high))
     with pytest.raises(ValueError, match="NaN"):
         score_interval([0.0, np.nan])
+
+
+def test_report_writes_the_table_the_verdict_and_the_curves(bench, tmp_path):
+    from rmu_analysis.experiments.robustness_report import ROBUSTNESS_FIGURES, robustness_report
+
+    plan = tiny_plan(attacks=("gcg", "relearn", "fragility"))
+    summary = robustness_report(tmp_path / "out", tmp_path / "results", plan, bench, progress=False)
+    for name in ROBUSTNESS_FIGURES:
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "out" / "robustness.json").read_text())
+    assert saved["claim"]["held"] == summary["claim"]["held"] and saved["ran"] == len(R.robustness_grid(plan))
+    again = robustness_report(tmp_path / "out", tmp_path / "results", plan, bench, progress=False)
+    assert again["ran"] == 0 and again["claim"] == summary["claim"]  # everything reused, the same numbers
+    assert "beyond control" in (tmp_path / "out" / "robustness.md").read_text()

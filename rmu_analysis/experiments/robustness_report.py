@@ -1,0 +1,74 @@
+"""The robustness lab end to end (``rmu-analysis reproduce --only robustness``): run the plan's attack runs with the
+sweep runner (:func:`~.runner.run_sweep`: resumable, one JSON per run in the results directory), then write
+``robustness.md`` (the method × attack table and the §3.3 verdict), ``robustness.json`` (the same numbers) and
+the recovery curves ``robustness_gcg.png`` / ``robustness_relearn.png``."""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .._io import atomic_write_json, atomic_write_text
+from ..plots_robustness import plot_gcg_curves, plot_relearn_curves
+from .robustness import (
+    RobustnessPlan, curve_frame, gcg_claim, load_attack_results, robustness_grid, robustness_markdown,
+    robustness_table,
+)
+from .runner import run_sweep
+from .targets import TARGETS, Targets
+from .workbench import Workbench
+
+__all__ = ["robustness_report", "ROBUSTNESS_FIGURES"]
+
+#: The files :func:`robustness_report` writes into the output directory.
+ROBUSTNESS_FIGURES = ("robustness.md", "robustness.json", "robustness_gcg.png", "robustness_relearn.png")
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)  # atomic: a reader never sees half a PNG
+
+
+def robustness_report(out: str | Path, results: str | Path, plan: RobustnessPlan,
+                      bench: Workbench | Callable[[], Workbench], *, workers: int = 1, threads: int = 1,
+                      fresh: bool = False, progress: bool = True, targets: Targets = TARGETS) -> dict[str, Any]:
+    """Run (or reuse) every attack run of ``plan`` into ``results`` and write :data:`ROBUSTNESS_FIGURES` to
+    ``out``; return the summary (the §3.3 verdict, the table as records, runs trained and reused, seconds)."""
+    t0 = time.perf_counter()
+    out, results = Path(out), Path(results)
+    specs = robustness_grid(plan)
+    outcome = run_sweep(specs, results, bench, resume=not fresh, progress=progress, desc="robustness",
+                        workers=workers, threads=threads)
+    rows = load_attack_results(results, specs)
+    if len(rows) < len(specs):
+        warnings.warn(f"{len(specs) - len(rows)} of {len(specs)} attack runs have no usable result in {results} "
+                      "(a run that did not finish training is left out of the table)", stacklevel=2)
+    table = robustness_table(rows)
+    claim = gcg_claim(table, targets)
+    trainings = {(r["method"], r["seed"]): r["train_seconds"] for r in rows if r["spec"]["unlearn"] is not None}
+    compute = float(sum(r["attack_seconds"] for r in rows) + sum(trainings.values()))
+    text = robustness_markdown(table, claim, plan)
+    text += (f"\nCost on the machine that computed the runs: {compute / 60:.1f} min of run time (training each "
+             f"model once, {len(trainings)} trainings, and every attack; the runs are spread over worker processes). "
+             f"This call: {outcome.ran} run(s) computed, {outcome.skipped} reused, "
+             f"{(time.perf_counter() - t0) / 60:.1f} min.\n")
+    out.mkdir(parents=True, exist_ok=True)
+    _save(plot_gcg_curves(curve_frame(rows, "gcg"), title="GCG on the forget questions"), out / "robustness_gcg.png")
+    _save(plot_relearn_curves(curve_frame(rows, "relearn")), out / "robustness_relearn.png")
+    atomic_write_text(out / "robustness.md", text)
+    summary = {"claim": claim, "table": _records(table), "runs": len(specs), "runs_with_results": len(rows),
+               "ran": outcome.ran, "reused": outcome.skipped, "compute_seconds": compute,
+               "seconds": time.perf_counter() - t0, "figures": list(ROBUSTNESS_FIGURES)}
+    atomic_write_json(out / "robustness.json", summary)
+    return summary
+
+
+def _records(table) -> list[dict]:
+    return [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
+            for r in table.round(6).to_dict(orient="records")]
