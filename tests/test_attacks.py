@@ -20,6 +20,7 @@ from rmu_analysis.attacks.gcg import (
     wrong_targets,
 )
 from rmu_analysis.attacks.relearn import lm_loss
+from rmu_analysis.evaluation import evaluate_mcq, mcq_prompt
 from rmu_analysis.models import decoder_blocks
 from rmu_analysis.steering import steer
 
@@ -84,8 +85,6 @@ def test_batched_candidates_equal_one_at_a_time(tiny_llama, tiny_tokenizer, posi
 def _reference_cloze(model, tok, rec, suffix_ids):
     """Summed log-likelihood of each choice after ``question + suffix + "\\nAnswer:"``, one unpadded forward pass per
     choice, the choice's tokens cut as lm-eval cuts them (an independent re-implementation)."""
-    from rmu_analysis.evaluation import mcq_prompt
-
     full = mcq_prompt(rec, scoring="cloze")
     before, after = full[: -len("\nAnswer:")], "\nAnswer:"
     ctx = tok(full, add_special_tokens=False)["input_ids"]
@@ -117,9 +116,6 @@ def test_cloze_scores_sum_the_answer_tokens_like_the_evaluation(tiny_llama, tiny
     text = " virus"
     suffix = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
     joined = [dict(r, question=r["question"] + text) for r in recs]
-    from rmu_analysis import evaluate_mcq
-    from rmu_analysis.evaluation import mcq_prompt
-
     for r, j in zip(recs, joined):  # the precondition: the text's tokens are the same inside the prompt
         before = mcq_prompt(r, scoring="cloze")[: -len("\nAnswer:")]
         assert tiny_tokenizer(mcq_prompt(j, scoring="cloze"), add_special_tokens=False)["input_ids"] == \
@@ -132,8 +128,6 @@ def test_cloze_scores_sum_the_answer_tokens_like_the_evaluation(tiny_llama, tiny
 
 
 def test_gcg_cloze_attacks_the_choice_texts(tiny_llama, tiny_tokenizer):
-    from rmu_analysis import evaluate_mcq
-
     recs = records(4)
     res = gcg(tiny_llama, tiny_tokenizer, recs, small(steps=5, scoring="cloze"))
     loss = [h["loss"] for h in res.history]

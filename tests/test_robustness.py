@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 
 from rmu_analysis import evaluate_mcq
+from rmu_analysis.cli import main
+from rmu_analysis.data import write_mcq
 from rmu_analysis.experiments import robustness as R
+from rmu_analysis.experiments.robustness_report import ROBUSTNESS_FIGURES, robustness_report
 from rmu_analysis.experiments import EvalSettings, ExperimentData, RunSpec, Workbench, is_finished, load_results, run_sweep
 from rmu_analysis.organism.tokenizer import train_tokenizer
 from rmu_analysis.organism.world import SUBJECTS, generate_world
 from rmu_analysis.recipes import ORGANISM_ATTACK_BUDGET, PRESETS, organism_robustness_plan
 from rmu_analysis.stats import paired_difference, score_interval
-from rmu_analysis.testing import tiny_llama
+from rmu_analysis.testing import save_tiny_model_and_corpora, tiny_llama
 from rmu_analysis.unlearning.config import RMUConfig
 
 EVAL = EvalSettings(scoring="cloze", confidence_prompts=3, confidence_tokens=2, eval_texts=4, batch_size=8)
@@ -165,8 +168,6 @@ def test_score_interval_matches_the_paired_difference():
 
 
 def test_report_writes_the_table_the_verdict_and_the_curves(bench, tmp_path):
-    from rmu_analysis.experiments.robustness_report import ROBUSTNESS_FIGURES, robustness_report
-
     plan = tiny_plan(attacks=("gcg", "relearn", "fragility"))
     summary = robustness_report(tmp_path / "out", tmp_path / "results", plan, bench, progress=False)
     for name in ROBUSTNESS_FIGURES:
@@ -176,3 +177,18 @@ def test_report_writes_the_table_the_verdict_and_the_curves(bench, tmp_path):
     again = robustness_report(tmp_path / "out", tmp_path / "results", plan, bench, progress=False)
     assert again["ran"] == 0 and again["claim"] == summary["claim"]  # everything reused, the same numbers
     assert "beyond control" in (tmp_path / "out" / "robustness.md").read_text()
+
+
+def test_sweep_cli_lists_the_robustness_runs_of_a_real_model(tmp_path, tiny_tokenizer, capsys):
+    model, bio, cyber, retain = save_tiny_model_and_corpora(tmp_path, tiny_tokenizer, 140)
+    questions = [{"question": f"Which host does pathogen {i} infect?", "choices": ["bats", "mice", "birds", "pigs"],
+                  "answer": i % 4} for i in range(6)]
+    mcq = [f"{s}={write_mcq(questions, tmp_path / f'{s}.jsonl')}" for s in ("bio", "cyber", "general")]
+    args = ["sweep", "--experiment", "robustness", "--results", str(tmp_path / "runs"), "--model", str(model),
+            "--forget-files", f"bio={bio}", f"cyber={cyber}", "--retain-file", str(retain), "--mcq", *mcq,
+            "--layer", "2", "--seeds", "0", "--list"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 6 * len(R.ATTACKS) - 1 and all(line.split()[1] == "todo" for line in lines)
+    assert {line.split("  ", 2)[2].split(" on ")[1] for line in lines} == {
+        "base seed=0", "GA seed=0", "GradDiff seed=0", "NPO seed=0", "RMU seed=0", "Adaptive RMU seed=0"}
