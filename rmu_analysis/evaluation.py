@@ -14,11 +14,23 @@ A task is data + a template + a scoring rule; the scorer does not know which ben
 Tokenisation follows lm-eval-harness: the context and ``context + continuation`` are encoded without special
 tokens and the continuation is the tokens of the whole after the context's tokens; a BOS token is put in front
 when the tokenizer itself adds one (``add_bos=None``; pass ``add_bos=False`` to match lm-eval's default of
-never adding one). When every continuation of a question is one token, the question costs one forward pass
-over the context (the four next-token log-probabilities are read at its last position).
+never adding one).
+
+Each context runs through the model once: its last logits give every continuation's first token, and when a
+continuation has more tokens (cloze), ``continuation[:-1]`` runs in a second pass on the context's KV cache
+(copied to one row per continuation, with the context's attention mask and position ids that continue from the
+context's length), so every token sees exactly the tokens it sees in ``context + continuation`` run in full, as
+lm-eval does; a question costs its context once plus its continuations, not four contexts. Forward hooks
+(``hooks.edit``, ``steering.steer``) run in both passes on every token, so an edit of every position applies as in
+a full pass; an edit that depends on a call's token axis (``steer(positions=...)``, or ``noise``, drawn per call)
+sees other calls. Models whose ``forward`` takes no ``attention_mask``/``position_ids``/``use_cache`` and cache,
+or that return no plain per-layer KV cache holding the context (legacy tuples, recurrent state, a sliding window
+shorter than context + continuation), are scored by running every ``context + continuation[:-1]`` in full
+instead (automatically; the private ``_share_context=False`` forces that reference path).
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -29,8 +41,9 @@ import torch
 from torch import nn
 from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
+from ._batching import cache_kwarg, output_cache
 from .data import LETTERS, normalize_mcq_record
-from .models import ensure_pad_token, forward_params, model_device, resolve_tokenizer
+from .models import ensure_pad_token, forward_params, hidden_size, model_device, resolve_tokenizer
 from .stats import N_BOOT, Interval, PairedDifference, accuracy_interval, paired_difference
 
 __all__ = ["MCQResult", "evaluate_mcq", "score_continuations", "mcq_prompt", "mcq_continuations", "format_subject", "question_records",
@@ -282,6 +295,225 @@ def _score_batch(
     return result
 
 
+class _CannotShare(Exception):
+    """The model's forward gave no KV cache the shared-context scorer can extend (it then scores in full)."""
+
+
+def _can_share_context(params: set[str]) -> bool:
+    """Whether ``model.forward`` takes what the shared-context scorer passes: a mask, position ids and a KV cache."""
+    return {"attention_mask", "position_ids", "use_cache"} <= params and bool({"cache", "past_key_values"} & params)
+
+
+def _run_full(model, requests, logliks, n_tokens, *, batch_size, pad_id, left, device, params, progress, desc):
+    """The reference scorer: every request's sequence (context + continuation[:-1]) in full, ``batch_size``
+    sequences per forward pass, longest first."""
+    order = sorted(range(len(requests)), key=lambda r: -len(requests[r][1]))  # less padding per batch
+    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+    if progress:
+        batches = tqdm(batches, desc=desc, unit="batch")
+    for batch in batches:
+        reqs = [requests[r] for r in batch]
+        scores = _score_batch(
+            model, [q[1] for q in reqs], [q[2] for q in reqs],
+            pad_id=pad_id, left=left, device=device, params=params,
+        )
+        for (i, _, targets, choice_idx), s in zip(reqs, scores):
+            for j, t, v in zip(choice_idx, targets, s):
+                logliks[i, j] = v
+                n_tokens[i, j] = len(t)
+
+
+def _context_groups(requests) -> list[tuple[int, list[int], list[tuple[int, list[int]]]]]:
+    """``(question, context ids, [(choice, continuation ids), ...])``: the requests regrouped by the exact context
+    they see. A request's sequence is ``context + target[:-1]``, so its context is the sequence without its last
+    ``len(target) - 1`` tokens; a question's continuations share one context unless a left truncation cut it by a
+    different amount for continuations of different lengths (then each length has its own)."""
+    groups: dict[tuple[int, tuple[int, ...]], list[tuple[int, list[int]]]] = {}
+    for i, seq, targets, choice_idx in requests:
+        for j, t in zip(choice_idx, targets):
+            ctx = seq[: len(seq) - (len(t) - 1)]  # several targets share a sequence only when all are one token
+            groups.setdefault((i, tuple(ctx)), []).append((j, t))
+    return [(i, list(ctx), conts) for (i, ctx), conts in groups.items()]
+
+
+def _cache_layers(cache: Any, width: int, total: int) -> list:
+    """The cache's per-layer K/V stores when all are plain dynamic ones holding the ``width`` context tokens in
+    full (no sliding window that would drop some of the ``total`` tokens, no recurrent state, no legacy tuples),
+    else ``_CannotShare``."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not hasattr(cache, "get_seq_length"):
+        raise _CannotShare("no cache object with layers")
+    try:
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    except ImportError as err:  # pragma: no cover - transformers without per-layer caches
+        raise _CannotShare("transformers has no DynamicLayer") from err
+    for layer in layers:
+        if type(layer) is DynamicSlidingWindowLayer:
+            window = getattr(layer, "sliding_window", None)
+            if not isinstance(window, int) or total >= window:  # the window would drop some context tokens
+                raise _CannotShare("sliding-window cache shorter than the inputs")
+        elif type(layer) is not DynamicLayer:
+            raise _CannotShare(f"cache layer {type(layer).__name__}")
+        keys = getattr(layer, "keys", None)
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[-2] != width:
+            raise _CannotShare("cache does not hold the context")
+    return list(layers)
+
+
+def _score_shared_batch(
+    model: nn.Module,
+    groups: list[tuple[int, list[int], list[tuple[int, list[int]]]]],
+    *,
+    pad_id: int,
+    device: torch.device,
+    params: set[str],
+    cache_name: str,
+    pass_cost: float = float("inf"),
+) -> list[list[float]]:
+    """Summed log p(continuation) of each continuation of each context group, running every context once.
+
+    Pass 1: the contexts, left-padded (so each ends in the last column), with ``use_cache=True``; the log-prob of
+    every continuation's first token is read from the context's last logits. Pass 2 (only when some continuation
+    has more than one token): the KV cache is expanded to one row per such continuation (rows of the cache
+    selected, repeated), and ``continuation[:-1]`` (right-padded) runs on it, with the context's mask followed by
+    the continuation's and position ids continuing from the context's length, so each token sees exactly what it
+    sees in the full sequence; ``continuation[m + 1]`` is read at the pass's column ``m``. Forward hooks run in
+    both passes, on every token.
+    """
+    ctxs = [g[1] for g in groups]
+    width = max(len(c) for c in ctxs)
+    ids = torch.full((len(ctxs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ctxs), width), dtype=torch.long)
+    for b, c in enumerate(ctxs):
+        ids[b, width - len(c):] = torch.tensor(c, dtype=torch.long)
+        mask[b, width - len(c):] = 1
+    rest = [(b, n, t) for b, g in enumerate(groups) for n, (_, t) in enumerate(g[2]) if len(t) > 1]
+    kwargs: dict[str, Any] = {"attention_mask": mask.to(device),
+                              "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device), "use_cache": bool(rest)}
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1
+    out = model(ids.to(device), **kwargs)
+    logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+    first = torch.log_softmax(logits[:, -1].float(), dim=-1)
+    b_idx = [b for b, g in enumerate(groups) for _ in g[2]]
+    t_idx = [t[0] for g in groups for _, t in g[2]]
+    picked = first[torch.tensor(b_idx, device=first.device), torch.tensor(t_idx, device=first.device)]
+    result: list[list[float]] = [[] for _ in groups]
+    for b, v in zip(b_idx, picked.double().cpu().tolist()):
+        result[b].append(v)
+    if not rest:
+        return result
+
+    cache = output_cache(out)
+    k_all = max(len(t) for _, _, t in rest) - 1
+    layers = _cache_layers(cache, width, width + k_all)
+    rest.sort(key=lambda x: -len(x[2]))
+    chunks = _length_chunks([len(t) - 1 for _, _, t in rest], pass_cost)
+    for c, (lo, hi) in enumerate(chunks):
+        part = rest[lo:hi]
+        rows = torch.tensor([b for b, _, _ in part], dtype=torch.long)
+        last = c == len(chunks) - 1
+        run_cache = cache if last else _copy_cache(cache, layers)  # the last chunk may consume the original
+        for layer in (layers if last else run_cache.layers):  # one row per continuation (rows repeat)
+            _select_rows(layer, rows)
+        k = len(part[0][2]) - 1
+        c_ids = torch.full((len(part), k), pad_id, dtype=torch.long)
+        c_mask = torch.zeros((len(part), k), dtype=torch.long)
+        for r, (_, _, t) in enumerate(part):
+            c_ids[r, : len(t) - 1] = torch.tensor(t[:-1], dtype=torch.long)
+            c_mask[r, : len(t) - 1] = 1
+        ctx_len = mask.sum(-1)[rows]
+        pos = torch.where(c_mask.bool(), ctx_len[:, None] + torch.arange(k)[None, :], 0)  # pads: any valid position
+        out2 = model(c_ids.to(device), attention_mask=torch.cat([mask[rows], c_mask], dim=1).to(device),
+                     position_ids=pos.to(device), use_cache=True, **{cache_name: run_cache})
+        logits2 = out2.logits if hasattr(out2, "logits") else (out2[0] if isinstance(out2, (tuple, list)) else out2)
+        if logits2.shape[:2] != (len(part), k):
+            raise _CannotShare("the continuation pass returned other positions")
+        rr = [r for r, (_, _, t) in enumerate(part) for _ in range(len(t) - 1)]
+        cc = [m for _, _, t in part for m in range(len(t) - 1)]
+        toks = [tok for _, _, t in part for tok in t[1:]]
+        sel = logits2[torch.tensor(rr, device=logits2.device), torch.tensor(cc, device=logits2.device)]
+        logp = torch.log_softmax(sel.float(), dim=-1)
+        vals = logp.gather(-1, torch.tensor(toks, device=logp.device)[:, None])[:, 0].double().cpu().tolist()
+        q = 0
+        for b, n, t in part:
+            result[b][n] += float(sum(vals[q: q + len(t) - 1]))
+            q += len(t) - 1
+    return result
+
+
+def _pass_cost(model: nn.Module, device: torch.device) -> float:
+    """What one more continuation pass costs, in padding tokens (for :func:`_length_chunks`). On a CPU a pass's
+    fixed cost (Python and kernel calls, per block) is worth about 70 tokens of a width-128 model (the organism,
+    measured) and the work per token grows with width²; on an accelerator the launch overhead of a pass is worth
+    more than the padding of a whole batch: one pass."""
+    if device.type != "cpu":
+        return float("inf")
+    try:
+        width = hidden_size(model)
+    except Exception:  # pragma: no cover - exotic models: a guess that splits little
+        width = 128
+    return 1.2e6 / float(width) ** 2
+
+
+def _length_chunks(lengths: list[int], pass_cost: float) -> list[tuple[int, int]]:
+    """Split ``lengths`` (sorted longest first) into runs ``[lo, hi)``, each padded to its first length, minimising
+    padded tokens + ``pass_cost`` per run (dynamic programme over the boundaries between different lengths)."""
+    n = len(lengths)
+    if not np.isfinite(pass_cost):
+        return [(0, n)]
+    starts = [i for i in range(n) if i == 0 or lengths[i] != lengths[i - 1]] + [n]
+    g = len(starts) - 1
+    best = [0.0] + [float("inf")] * g  # best[e]: cost of the rows before starts[e]
+    cut = [0] * (g + 1)
+    for e in range(1, g + 1):
+        for b in range(e):
+            cost = best[b] + pass_cost + (starts[e] - starts[b]) * lengths[starts[b]]
+            if cost < best[e]:
+                best[e], cut[e] = cost, b
+    chunks, e = [], g
+    while e > 0:
+        chunks.append((starts[cut[e]], starts[e]))
+        e = cut[e]
+    return chunks[::-1]
+
+
+def _select_rows(layer: Any, rows: torch.Tensor) -> None:
+    """``layer.batch_select_indices(rows)`` (rows may repeat) with ``index_select``, several times faster on a CPU
+    than the advanced indexing transformers uses; each layer's K/V stay on their own device (``device_map``)."""
+    idx = rows.to(layer.keys.device)
+    layer.keys = layer.keys.index_select(0, idx)
+    layer.values = layer.values.index_select(0, idx)
+
+
+def _copy_cache(cache: Any, layers: list) -> Any:
+    """A copy of ``cache`` whose layers can be re-selected and extended without touching the original's tensors
+    (shallow: the layers' tensors are shared until ``batch_select_indices`` replaces them)."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in layers]
+    return new
+
+
+def _run_shared(model, requests, logliks, n_tokens, *, batch_size, pad_id, device, params, progress, desc):
+    """Shared-context scorer: ``batch_size`` contexts per forward pass (longest first), each run once, then one
+    pass over the continuations of the batch on the contexts' KV cache (:func:`_score_shared_batch`)."""
+    cache_name = cache_kwarg(model)
+    pass_cost = _pass_cost(model, device)
+    groups = _context_groups(requests)
+    order = sorted(range(len(groups)), key=lambda g: -len(groups[g][1]))
+    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+    if progress:
+        batches = tqdm(batches, desc=desc, unit="batch")
+    for batch in batches:
+        gs = [groups[g] for g in batch]
+        scores = _score_shared_batch(model, gs, pad_id=pad_id, device=device, params=params, cache_name=cache_name,
+                                     pass_cost=pass_cost)
+        for (i, _, conts), s in zip(gs, scores):
+            for (j, t), v in zip(conts, s):
+                logliks[i, j] = v
+                n_tokens[i, j] = len(t)
+
+
 def question_records(records: Any) -> list[dict]:
     """The question records, validated and normalised (``data.normalize_mcq_record``); none is an error."""
     records = [] if records is None else list(records)
@@ -336,10 +568,19 @@ def score_continuations(
     add_bos: bool | None = None,
     progress: bool = False,
     desc: str = "scoring",
+    _share_context: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Summed log-likelihood of each of the four ``continuations[i]`` after ``contexts[i]``, tokenised and batched as
     lm-eval does (the module docstring): ``(logliks [n, 4], n_tokens [n, 4], number of inputs cut on the left)``.
-    The one scorer behind :func:`evaluate_mcq`; attacks that change a prompt's text score it here too."""
+    The one scorer behind :func:`evaluate_mcq`; attacks that change a prompt's text score it here too.
+
+    ``batch_size``: contexts per forward pass; the continuations of those contexts (up to 4 × ``batch_size`` rows
+    of at most the longest continuation, on the contexts' KV cache) run in one more pass, or on a CPU in a few
+    passes of similar lengths. ``max_length``: as lm-eval, each ``context + continuation[:-1]`` keeps its last
+    ``max_length`` tokens, so continuations of different lengths of a cut context see different amounts of it
+    (each length then has its own context row). On the reference path (a model without a usable KV cache, or
+    ``_share_context=False``) a batch is ``batch_size`` sequences ``context + continuation[:-1]``, or contexts
+    when all four continuations are one token."""
     tokenizer = resolve_tokenizer(model, tokenizer)
     ensure_pad_token(tokenizer)
     pad_id = tokenizer.pad_token_id
@@ -398,29 +639,25 @@ def score_continuations(
             f"{truncated} input(s) longer than max_length={max_length} tokens were cut on the left", stacklevel=2
         )
 
-    order = sorted(range(len(requests)), key=lambda r: -len(requests[r][1]))  # less padding per batch
     logliks = np.zeros((len(contexts), 4), dtype=np.float64)
     n_tokens = np.zeros((len(contexts), 4), dtype=np.int64)
     device = model_device(model)
     params = forward_params(model)
-    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
-    if progress:
-        batches = tqdm(batches, desc=desc, unit="batch")
-
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for batch in batches:
-                reqs = [requests[r] for r in batch]
-                scores = _score_batch(
-                    model, [q[1] for q in reqs], [q[2] for q in reqs],
-                    pad_id=pad_id, left=left, device=device, params=params,
-                )
-                for (i, _, targets, choice_idx), s in zip(reqs, scores):
-                    for j, t, v in zip(choice_idx, targets, s):
-                        logliks[i, j] = v
-                        n_tokens[i, j] = len(t)
+            done = False
+            if _share_context and _can_share_context(params):
+                try:
+                    _run_shared(model, requests, logliks, n_tokens, batch_size=batch_size, pad_id=pad_id,
+                                device=device, params=params, progress=progress, desc=desc)
+                    done = True
+                except _CannotShare:  # the model gave no usable KV cache: score every sequence in full
+                    pass
+            if not done:
+                _run_full(model, requests, logliks, n_tokens, batch_size=batch_size, pad_id=pad_id, left=left,
+                          device=device, params=params, progress=progress, desc=desc)
     finally:
         model.train(was_training)
 
@@ -440,13 +677,15 @@ def evaluate_mcq(
     add_bos: bool | None = None,
     progress: bool = False,
     cluster_key: str | Sequence[str] | None = None,
+    _share_context: bool = True,
 ) -> MCQResult:
     """Zero-shot multiple-choice accuracy as lm-evaluation-harness computes it (the paper's Table 1 metric).
 
     ``records``: question records (``load_mcq``). ``subject``: the "about {subject}" of the letter prompt — a
     str, None (omitted), or one per record (e.g. ``[r["subject"] for r in records]`` for MMLU). ``scoring``:
     ``"letter"`` (" A".." D") or ``"cloze"`` (" " + choice). ``normalize``: predict from the per-character
-    log-likelihood instead of the sum. ``batch_size``: sequences per forward pass. ``max_length``: longest
+    log-likelihood instead of the sum. ``batch_size``: questions (contexts) per forward pass; their multi-token
+    continuations run in one more pass on the contexts' KV cache (:func:`score_continuations`). ``max_length``: longest
     input in tokens (default: the model's maximum; longer inputs lose tokens on the left, as in lm-eval); a value
     beyond the model's positions is cut to them, with a warning.
     ``add_bos``: put the BOS token first (None: when the tokenizer adds one itself).
@@ -467,7 +706,7 @@ def evaluate_mcq(
     conts_text = [mcq_continuations(r, scoring=scoring) for r in recs]
     logliks, n_tokens, truncated = score_continuations(
         model, tokenizer, contexts, conts_text, batch_size=batch_size, max_length=max_length, add_bos=add_bos,
-        progress=progress, desc=f"evaluate_mcq ({scoring})",
+        progress=progress, desc=f"evaluate_mcq ({scoring})", _share_context=_share_context,
     )
 
     if scoring == "letter":

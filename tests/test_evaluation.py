@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -340,3 +342,205 @@ def test_compare_is_paired_on_the_same_questions(tiny_llama, tok):
         base.compare(evaluate_mcq(tiny_llama, tok, shuffled, "biology"))
     with pytest.raises(TypeError, match="another MCQResult"):
         base.compare(0.5)
+
+
+# ------------------------------------------------------------------------------------------------ shared context
+# Cloze scoring runs each question's context once and its continuations on the context's KV cache
+# (``_share_context=True``, the default); ``_share_context=False`` is the reference path that runs
+# ``context + continuation[:-1]`` in full for every continuation. They must agree.
+
+# contexts of different lengths (so batches are left-padded) and continuations of 1 to many tokens
+SHARED_RECORDS = RECORDS + [
+    {"question": "Which city lies on the river Elm, people say, in the encyclopedic text?",
+     "choices": ["Varon", "the city of Varon on the river", "pathogen", "B"], "answer": 0},
+    {"question": "Host?", "choices": ["bats bats bats bats bats", "A", "mice", "which host does the virus infect"],
+     "answer": 1},
+]
+
+
+def _tiny_model(arch: str, tok, tiny_llama):
+    return tiny_llama if arch == "llama" else _tiny_gpt2(len(tok))
+
+
+def _cache_calls(model) -> tuple[list, Any]:
+    """Forward-call log of ``model``: (input width, whether a KV cache was passed in) per call."""
+    calls: list[tuple[int, bool]] = []
+
+    def hook(module, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        calls.append((ids.shape[1], kwargs.get("cache", kwargs.get("past_key_values")) is not None))
+
+    return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _both(model, tok, records, **kw):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*cut on the left")
+        new = evaluate_mcq(model, tok, records, "biology", **kw)
+        old = evaluate_mcq(model, tok, records, "biology", _share_context=False, **kw)
+    return new, old
+
+
+def _assert_same(new, old):
+    assert np.abs(new.logliks - old.logliks).max() <= 1e-4
+    np.testing.assert_array_equal(new.predictions, old.predictions)
+    np.testing.assert_array_equal(new.n_tokens, old.n_tokens)
+    assert new.truncated == old.truncated
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # rotary (relative) and learned absolute positions
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("add_bos", [None, False])
+@pytest.mark.parametrize("max_length", [None, 30])  # 30: some contexts cut by one amount per choice length
+@pytest.mark.parametrize("pass_cost", ["one pass", "one pass per length"])
+def test_shared_context_equals_full_path(tok, tiny_llama, monkeypatch, arch, side, add_bos, max_length, pass_cost):
+    import rmu_analysis.evaluation as ev
+
+    if pass_cost != "one pass":  # every distinct continuation length in its own pass over a selected cache copy
+        monkeypatch.setattr(ev, "_pass_cost", lambda model, device: 0.0)
+    model = _tiny_model(arch, tok, tiny_llama)
+    tok.padding_side = side
+    calls, handle = _cache_calls(model)
+    try:
+        for scoring in ("cloze", "letter"):
+            calls.clear()
+            new, old = _both(model, tok, SHARED_RECORDS, scoring=scoring, batch_size=3, add_bos=add_bos,
+                             max_length=max_length)
+            _assert_same(new, old)
+            if max_length is not None:
+                assert new.truncated > 0  # the left truncation was exercised
+            if scoring == "cloze":
+                assert (new.n_tokens > 1).any() and (new.n_tokens == 1).any()
+                assert any(cached for _, cached in calls)  # the continuations ran on a cache: no silent fallback
+    finally:
+        handle.remove()
+
+
+def _unbatched_loglik(model, ids: list[int], n_cont: int) -> float:
+    """log p(last n_cont tokens | the ones before) from one plain forward of one unpadded sequence."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    return float(sum(logp[len(ids) - n_cont - 1 + m, ids[len(ids) - n_cont + m]] for m in range(n_cont)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_context_equals_one_unpadded_sequence_at_a_time(tok, tiny_llama, arch):
+    """Catches a wrong mask or wrong position ids for left-padded contexts and the continuation pass (the
+    full path is checked the same way by test_batched_equals_one_by_one)."""
+    from rmu_analysis.evaluation import encode_choices
+
+    model = _tiny_model(arch, tok, tiny_llama)
+    res = evaluate_mcq(model, tok, SHARED_RECORDS, scoring="cloze", batch_size=4)
+    contexts = [mcq_prompt(r, scoring="cloze") for r in SHARED_RECORDS]
+    conts = [mcq_continuations(r, scoring="cloze") for r in SHARED_RECORDS]
+    pairs = encode_choices(tok, contexts, conts, [tok.bos_token_id])
+    assert len({len(c) for c, _ in pairs}) > 2  # contexts of different lengths: padding in every batch
+    for i, (ctx, cont_ids) in enumerate(pairs):
+        for j, c in enumerate(cont_ids):
+            assert res.logliks[i, j] == pytest.approx(_unbatched_loglik(model, ctx + c, len(c)), abs=1e-4)
+
+
+def test_shared_context_passes_fewer_tokens(tok, tiny_llama):
+    calls, handle = _cache_calls(tiny_llama)
+    try:
+        new, old = _both(tiny_llama, tok, RECORDS[:2], scoring="cloze", batch_size=1)
+    finally:
+        handle.remove()
+    _assert_same(new, old)
+    shared = [c for c in calls[: len(calls) - 8]]
+    full = calls[len(calls) - 8:]  # the reference: one pass per (question, choice)
+    assert [cached for _, cached in shared] == [False, True, False, True]  # per question: context, continuations
+    assert sum(w for w, _ in shared) < sum(w for w, _ in full) / 2
+
+
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_shared_context_under_steering(tok, tiny_llama, mode):
+    """A steer/edit context applies to the context pass and to the continuation pass (every position of every
+    call), so the shared path scores the steered model exactly as the full path does."""
+    from rmu_analysis import hooks
+    from rmu_analysis.steering import random_direction, steer
+
+    u = random_direction(32, "uniform", seed=1)
+    plain = evaluate_mcq(tiny_llama, tok, SHARED_RECORDS, scoring="cloze")
+    widths: list[int] = []
+    with steer(tiny_llama, 2, u, mode=mode, coeff=5.0), hooks.edit(tiny_llama, 1, lambda h: widths.append(h.shape[1])):
+        new, old = _both(tiny_llama, tok, SHARED_RECORDS, scoring="cloze", batch_size=4)
+    _assert_same(new, old)
+    assert np.abs(new.logliks - plain.logliks).max() > 1e-2  # the steering changed the scores
+    n_shared = len(widths) - int(np.ceil(24 / 4))  # the full path made 6 calls, the shared path the rest
+    assert n_shared == 2 * 2  # context pass + continuation pass for each of 2 batches: both went through the hooks
+
+
+class _NoCacheOut(nn.Module):
+    """Takes a cache and use_cache but returns no cache (e.g. a wrapper): the scorer must fall back."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                logits_to_keep=0):
+        out = self.inner(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                         logits_to_keep=logits_to_keep)
+        return SimpleNamespace(logits=out.logits)
+
+
+def test_shared_context_falls_back_without_a_usable_cache(tok, tiny_llama):
+    wrapped = _NoCacheOut(tiny_llama)
+    new, old = _both(wrapped, tok, SHARED_RECORDS, scoring="cloze", batch_size=4)
+    _assert_same(new, old)
+    np.testing.assert_array_equal(new.logliks, old.logliks)  # the same computation: the full path
+    ref = evaluate_mcq(tiny_llama, tok, SHARED_RECORDS, "biology", scoring="cloze", batch_size=4)
+    assert np.abs(new.logliks - ref.logliks).max() <= 1e-4
+    # a model whose forward takes no cache at all (Bigram) uses the full path: one pass per (question, choice)
+    bigram = Bigram(len(tok))
+    evaluate_mcq(bigram, tok, RECORDS[:2], scoring="cloze", batch_size=1)
+    assert bigram.n_forward == 8
+
+
+@pytest.mark.parametrize("window", [8, 256])
+def test_shared_context_with_a_sliding_window(tok, window):
+    """A sliding-window cache that would drop context tokens sends the scorer to the full path; a wide one is
+    shared."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        sliding_window=window, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    model = MistralForCausalLM(cfg).eval()
+    calls, handle = _cache_calls(model)
+    try:
+        new, old = _both(model, tok, SHARED_RECORDS, scoring="cloze", batch_size=4)
+    finally:
+        handle.remove()
+    _assert_same(new, old)
+    assert any(cached for _, cached in calls) == (window == 256)
+
+
+def test_length_chunks():
+    from rmu_analysis.evaluation import _length_chunks
+
+    lengths = [9, 9, 8, 5, 5, 5, 5, 3, 3, 2, 2, 2, 2, 2, 1]
+    for cost in (0.0, 5.0, 1e6, float("inf")):
+        chunks = _length_chunks(lengths, cost)
+        assert chunks[0][0] == 0 and chunks[-1][1] == len(lengths)
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(chunks, chunks[1:] + [(len(lengths), None)]))
+    assert _length_chunks(lengths, float("inf")) == [(0, 15)] == _length_chunks(lengths, 1e6)
+    assert len(_length_chunks(lengths, 0.0)) == 6  # one per distinct length
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_context_on_cuda(tok, tiny_llama, dtype):
+    model = copy.deepcopy(tiny_llama).to("cuda", dtype)
+    new, old = _both(model, tok, SHARED_RECORDS, scoring="cloze", batch_size=4)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert np.abs(new.logliks - old.logliks).max() <= tol
+    if dtype == torch.float32:
+        _assert_same(new, old)
