@@ -6,8 +6,9 @@ tables (Markdown) and writes them to ``figures/organism_methods.md``. ``--only r
 Setting: the 12-block organism (fp32), unlearn layer l = 3 (a quarter of the depth; trained
 tensors: the MLP down-projections of blocks 1–3 for every method), forget = the bio and cyber corpora of
 ``organism_corpora()`` (400 texts each), retain = its retain corpus, batch 4, seed 42, one pass over the
-forget corpora (200 steps = 100 batches per topic) unless a grid says fewer. Accuracy: the held-out question
-sets (bio 112, cyber 96, general 144 questions), cloze scoring (``organism.SCORING``; the organism is at
+forget corpora (200 steps = 100 batches per topic) unless a grid says fewer. Accuracy: the organism's *dev*
+question sets when it has them (testbed 2: bio 168, cyber 168, general 288 questions on entities disjoint from the
+reported test questions; testbed 1 had only its test sets), cloze scoring (``organism.SCORING``; the organism is at
 chance in the lettered format). Per method, the setting with the lowest mean forget accuracy among those
 keeping general accuracy ≥ 90% of the base model's is chosen (ties: higher general accuracy).
 
@@ -36,7 +37,7 @@ import torch
 from rmu_analysis import steer
 from rmu_analysis.evaluation import evaluate_mcq
 from rmu_analysis.experiments import WMDP_TARGETS
-from rmu_analysis.organism import SCORING, load_organism, organism_corpora, organism_mcq
+from rmu_analysis.organism import SCORING, has_dev_split, load_organism, organism_corpora, organism_mcq
 from rmu_analysis.recipes import PRESETS
 from rmu_analysis.unlearning import AdaptiveRMUConfig, GAConfig, GradDiffConfig, NPOConfig, RMUConfig, unlearn
 
@@ -143,7 +144,8 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", message=".*pad token.*")
 
     model, tok = load_organism()
-    corpora, questions = organism_corpora(), organism_mcq()
+    corpora = organism_corpora()
+    questions = organism_mcq(split="dev") if has_dev_split() else organism_mcq()  # choose on dev, never on test
     base = accuracies(model, tok, questions)
     print(f"base: {', '.join(f'{d} {a:.3f}' for d, a in base.items())}", flush=True)
 
@@ -160,8 +162,9 @@ def main(argv=None) -> None:
 
     lines = [
         f"Model organism (12 blocks, width 128), unlearn layer l = {LAYER} (trained: MLP down-projections of blocks "
-        f"{LAYER - 2}–{LAYER}), forget bio + cyber, cloze accuracy on held-out questions (bio 112, cyber 96, "
-        f"general 144; chance 0.25). Per method: the grid setting with the lowest mean forget accuracy among those "
+        f"{LAYER - 2}–{LAYER}), forget bio + cyber, cloze accuracy on the "
+        f"{'dev' if has_dev_split() else 'held-out'} questions ({', '.join(f'{d} {len(q)}' for d, q in questions.items())}; "
+        f"chance 0.25). Per method: the grid setting with the lowest mean forget accuracy among those "
         f"with general ≥ {KEEP:.0%} of base (`benchmarks/organism_methods.py`; one CPU thread, fp32; ms / step "
         f"is wall time on a shared machine, noisy: RMU and Adaptive RMU do the same work per step).",
         "", HEADER,

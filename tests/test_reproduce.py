@@ -175,3 +175,82 @@ def test_reproduce_theory_only(tiny, tmp_path):
     summary = R.reproduce(tmp_path, plan=tiny_plan(), bench=bench, progress=False, quick=True, experiments=("theory",))
     assert "proposition1" in summary["theory"] and "layer_sweep" not in summary  # no sweep ran, nothing to concat
     assert (tmp_path / "summary.md").is_file() and not (tmp_path / "results").exists()
+
+
+# ------------------------------------------------------------------ dev/test split: selection never sees test
+@pytest.fixture(scope="module")
+def tiny_v2():
+    from rmu_analysis.organism import world_v2 as V
+
+    sizes = {k: {"dev": 4, "test": 4, **({"retain": 4} if k in ("city", "person", "element") else {})}
+             for k in V.KINDS}
+    world = V.generate_world(0, split_sizes=sizes, docs_per_entity=2)
+    tok = train_tokenizer(world.forget_corpus["bio"] + world.forget_corpus["cyber"] + world.retain_corpus
+                          + [r["question"] + " " + " ".join(r["choices"]) for d in V.DOMAINS
+                             for s in ("dev", "test") for r in world.mcq[s][d]], vocab_size=400, min_frequency=1)
+    data = E.ExperimentData("tiny2", world.forget_corpus, world.retain_corpus, world.mcq["test"], V.SUBJECTS,
+                            dev_mcq=world.mcq["dev"])
+    return data, tok
+
+
+def test_questions_by_split_and_per_fact(tiny, tiny_v2):
+    data, _ = tiny_v2
+    test, dev = data.questions(E.EvalSettings()), data.questions(E.EvalSettings(split="dev"))
+    assert test["bio"] == list(data.mcq["bio"]) and dev["bio"] == list(data.dev_mcq["bio"])
+    assert not {r["entity"] for r in test["bio"]} & {r["entity"] for r in dev["bio"]}
+    one = data.questions(E.EvalSettings(per_fact=1))["bio"]
+    facts = {r["fact_id"] for r in test["bio"]}
+    assert len(one) == len(facts) < len(test["bio"]) and {r["fact_id"] for r in one} == facts
+    assert len(data.questions(E.EvalSettings(per_fact=1, questions=3))["bio"]) == 3
+    with pytest.raises(ValueError, match="no dev question sets"):
+        tiny[0].questions(E.EvalSettings(split="dev"))
+    with pytest.raises(ValueError, match="fact_id"):
+        tiny[0].questions(E.EvalSettings(per_fact=1))
+    with pytest.raises(ValueError, match="split"):
+        E.EvalSettings(split="train")
+    with pytest.raises(ValueError, match="per_fact"):
+        E.EvalSettings(per_fact=0)
+    with pytest.raises(ValueError, match="selection seeds must differ"):
+        tiny_plan(selection_seeds=(0,))
+
+
+def test_table1_is_selected_on_dev_and_reported_on_test_with_intervals(tiny_v2, tmp_path):
+    data, tok = tiny_v2
+    model = tiny_llama(len(tok), n_layers=4, hidden=32, tokenizer=tok)
+    bench = E.Workbench(model, tok, data, model_id="tiny", )
+    grid = E.grid_points(ga=[{"lr": 1e-3}, {"lr": 3e-2}], rmu=[{"coeff": 1.0, "lr": 1e-2, "alpha": 10.0}],
+                         adaptive_rmu=[{"coeff": 5.0, "lr": 1e-2, "alpha": 10.0}])
+    ev = E.EvalSettings(scoring="cloze", confidence_prompts=2, confidence_tokens=1, eval_texts=4, batch_size=16)
+    plan = tiny_plan(table_grid=grid, seeds=(0, 1), selection_seeds=(7,), sweep_per_fact=1, coeff_layers=(),
+                     data="tiny2", eval=ev)
+    assert E.plan_grids(plan)["table1"] == []  # nothing to report before the selection runs
+    summary = R.reproduce(tmp_path, plan=plan, bench=bench, progress=False, experiments=("layer", "table1"))
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")]
+    select = [r for r in rows if r["spec"]["eval"]["split"] == "dev"]
+    report = [r for r in rows if r["spec"]["eval"]["split"] == "test" and r["spec"]["layer"] == 3
+              and r["spec"]["eval"]["per_fact"] is None]
+    assert len(select) == 4 and {r["spec"]["seed"] for r in select} == {7}  # every grid point, selection seed
+    for r in select:  # scored on the dev questions
+        assert len(r["correct"]["bio"]) == len(data.dev_mcq["bio"])
+    frame = E.load_results(tmp_path / "results", E.plan_grids(plan)["table1_select"])
+    chosen = E.table1_choice(plan, frame)
+    assert set(chosen) == {"ga", "rmu", "adaptive-rmu"}
+    assert sorted((r["spec"]["method"], r["spec"]["seed"]) for r in report) == sorted(
+        (m, s) for m in chosen for s in (0, 1))  # only the chosen point, only the reporting seeds
+    ga = [r for r in report if r["spec"]["method"] == "ga"][0]
+    assert ga["spec"]["lr"] == chosen["ga"]["lr"]
+    for r in report:  # reported on every test question
+        assert len(r["correct"]["bio"]) == len(data.mcq["bio"]) and set(r["accuracy_in_corpus"]["bio"]) == {"in", "out"}
+    layer_runs = [r for r in rows if r["spec"]["eval"]["per_fact"] == 1]
+    assert layer_runs and all(len(r["correct"]["bio"]) == len({q["fact_id"] for q in data.mcq["bio"]})
+                              for r in layer_runs)
+    ti = summary["table1_intervals"]
+    assert [r["method"] for r in ti] == ["base", "ga", "rmu", "adaptive-rmu"]
+    for r in ti:
+        for s in ("bio", "cyber", "general"):
+            assert r[f"{s}_low"] <= r[s] <= r[f"{s}_high"]
+    cmp = summary["table1_adaptive_vs_rmu"]
+    assert cmp["layer"] == 3 and cmp["bio"]["low"] <= cmp["bio"]["diff"] <= cmp["bio"]["high"]
+    assert summary["deep_adaptive_vs_rmu"]["layer"] in plan.layers
+    assert "[" in (tmp_path / "table1.md").read_text() and "dev questions" in (tmp_path / "table1.md").read_text()
+    assert "Adaptive RMU − RMU" in (tmp_path / "summary.md").read_text()

@@ -11,16 +11,19 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from ..stats import Interval, PairedDifference, accuracy_interval, paired_difference
 from ..theory import forget_convergence
+from .measure import bits_array
 from .plans import ExperimentPlan
 from .results import finished_runs, result_topics
 from .specs import COEFF_FIELDS, STEERING, RunSpec
-from .targets import TARGETS, Targets
+from .targets import TARGETS, WMDP_TARGETS, Targets
 
 __all__ = [
     "spearman", "isotonic_decreasing", "layer_table", "layer_targets", "early_late", "early_late_split",
     "collapse_points", "collapse_summary", "coefficient_sweep", "convergence_check", "point_label", "METHOD_NAMES",
-    "table1_select", "table1_choice", "table1_frame", "summarize",
+    "table1_select", "table1_choice", "table1_frame", "summarize", "question_clusters", "pooled_interval",
+    "paired_runs", "table1_intervals", "method_comparison", "deep_layer", "interval_claims",
 ]
 
 #: Display names of the methods, in Table 1's order.
@@ -306,12 +309,149 @@ def table1_choice(plan: ExperimentPlan, frame: pd.DataFrame, targets: Targets = 
     return out
 
 
+# ----------------------------------------------------------------------------- intervals and paired tests
+def question_clusters(data: Any, settings: Any) -> dict[str, tuple | None]:
+    """Set name -> the fact id of each question a run with ``settings`` scores (``ExperimentData.questions``), or
+    None for a set whose records carry no ``fact_id`` (its questions are then resampled one by one)."""
+    out: dict[str, tuple | None] = {}
+    for name, records in data.questions(settings).items():
+        out[name] = tuple(r["fact_id"] for r in records) if all("fact_id" in r for r in records) else None
+    return out
+
+
+def _pooled(bits: Sequence[str], clusters: tuple | None) -> tuple[np.ndarray, tuple | None]:
+    """The per-question outcomes of several seeds' runs side by side, each question keeping its fact's cluster (the
+    same fact in every seed is one cluster: resampling facts resamples it in all seeds at once)."""
+    arrays = [bits_array(b) for b in bits]
+    if len({len(a) for a in arrays}) != 1 or (clusters is not None and len(arrays[0]) != len(clusters)):
+        raise ValueError("the runs scored different numbers of questions: they cannot be pooled")
+    return np.concatenate(arrays), (None if clusters is None else tuple(clusters) * len(arrays))
+
+
+def pooled_interval(runs: pd.DataFrame, name: str, clusters: tuple | None, *, base: bool = False,
+                    seed: int = 0) -> Interval:
+    """Accuracy on set ``name`` over ``runs`` (the seeds of one setting) with a 95% interval that resamples facts
+    (cluster bootstrap over all seeds' outcomes, :func:`~rmu_analysis.stats.accuracy_interval`)."""
+    col = f"{'base_' if base else ''}correct_{name}"
+    bits = list(runs[col].iloc[:1] if base else runs[col])
+    correct, cl = _pooled(bits, clusters)
+    return accuracy_interval(correct, cl, seed=seed)
+
+
+def paired_runs(a: pd.DataFrame, b: pd.DataFrame, name: str, clusters: tuple | None, *, seed: int = 0
+                ) -> PairedDifference:
+    """Paired difference accuracy(a) − accuracy(b) on set ``name``: the runs of two settings matched by seed (the
+    same questions), facts resampled for the interval; McNemar's exact test beside it."""
+    a, b = a.sort_values("seed"), b.sort_values("seed")
+    if list(a["seed"]) != list(b["seed"]):
+        raise ValueError(f"paired runs need the same seeds: {list(a['seed'])} vs {list(b['seed'])}")
+    xa, cl = _pooled(list(a[f"correct_{name}"]), clusters)
+    xb, _ = _pooled(list(b[f"correct_{name}"]), clusters)
+    return paired_difference(xa, xb, cl, seed=seed)
+
+
+def table1_intervals(frame: pd.DataFrame, clusters: Mapping[str, tuple | None], targets: Targets = TARGETS
+                     ) -> pd.DataFrame:
+    """Table 1 with 95% intervals: base and each method's selected point, per set the accuracy pooled over seeds
+    (``<set>``, ``<set>_low``, ``<set>_high``; facts resampled). Needs runs that stored per-question outcomes."""
+    frame = _with_points(frame)
+    selection = table1_select(frame, targets)
+    sets = list(clusters)
+    first = frame.iloc[:1]
+    rows = [{"method": "base", "setting": "", "n_seeds": 1}]
+    for s in sets:
+        ci = pooled_interval(first, s, clusters[s], base=True)
+        rows[0].update({s: ci.estimate, f"{s}_low": ci.low, f"{s}_high": ci.high})
+    for method in [m for m in METHOD_NAMES if m in set(selection["method"])]:
+        point = selection[(selection["method"] == method) & selection["selected"]].iloc[0]["point"]
+        runs = frame[(frame["method"] == method) & (frame["point"] == point)]
+        row = {"method": method, "setting": point, "n_seeds": len(runs)}
+        for s in sets:
+            ci = pooled_interval(runs, s, clusters[s])
+            row.update({s: ci.estimate, f"{s}_low": ci.low, f"{s}_high": ci.high})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def method_comparison(frame: pd.DataFrame, clusters: Mapping[str, tuple | None], a: str = "adaptive-rmu",
+                      b: str = "rmu", *, layer: int | None = None, selected: bool = True,
+                      targets: Targets = TARGETS) -> dict[str, Any]:
+    """``a`` − ``b`` per question set, paired by seed and question (a negative forget difference: ``a`` forgets
+    more). ``frame``: Table 1 runs (each method's selected point) or a layer sweep (one setting per method and
+    layer, ``layer`` given). Returns set -> {diff, low, high, p_value, mcnemar_p, n_seeds}."""
+    frame = _with_points(frame)
+    if layer is not None:
+        frame = frame[frame["layer"] == layer]
+    if selected and layer is None:
+        sel = table1_select(frame, targets)
+        keep = set(zip(sel.loc[sel["selected"], "method"], sel.loc[sel["selected"], "point"]))
+        frame = frame[[(m, p) in keep for m, p in zip(frame["method"], frame["point"])]]
+    ra, rb = frame[frame["method"] == a], frame[frame["method"] == b]
+    if not len(ra) or not len(rb):
+        raise ValueError(f"no finished runs of {a!r} and {b!r} to compare" + (f" at block {layer}" if layer else ""))
+    out = {}
+    for s, cl in clusters.items():
+        d = paired_runs(ra, rb, s, cl)
+        out[s] = {"diff": d.diff, "low": d.low, "high": d.high, "p_value": d.p_value, "mcnemar_p": d.mcnemar_p,
+                  "accuracy_a": d.accuracy_a, "accuracy_b": d.accuracy_b, "n_seeds": int(len(ra))}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- all of it
+def deep_layer(plan: ExperimentPlan) -> int:
+    """The deep block Table 1's comparison is repeated at: about three quarters of the depth (9 of 12 blocks),
+    the nearest block of the layer sweep."""
+    n_blocks = max(plan.layers) + 1
+    return min(plan.layers, key=lambda l: abs(l - round(0.75 * n_blocks)))
+
+
+def _has_outcomes(frame: pd.DataFrame) -> bool:
+    return len(frame) > 0 and any(c.startswith("correct_") for c in frame.columns) and \
+        finished_runs(frame).filter(like="correct_").notna().all().all()
+
+
+def interval_claims(frames: Mapping[str, pd.DataFrame], plan: ExperimentPlan,
+                    clusters: Mapping[str, Mapping[str, tuple | None]], targets: Targets = TARGETS) -> dict[str, Any]:
+    """The numbers with intervals (runs that stored per-question outcomes): Table 1 pooled over seeds, Adaptive
+    RMU − RMU paired at the Table 1 block and at :func:`deep_layer`, and the full-unlearning target (each forget
+    topic ≤ ``WMDP_TARGETS.max_forget`` with general ≥ ``WMDP_TARGETS.min_general_ratio`` × base)."""
+    out: dict[str, Any] = {}
+    table = frames.get("table1", pd.DataFrame())
+    if _has_outcomes(table) and "table1" in clusters:
+        ti = table1_intervals(table, clusters["table1"], targets)
+        out["table1_intervals"] = ti.round(4).to_dict(orient="records")
+        methods = set(ti["method"])
+        if {"rmu", "adaptive-rmu"} <= methods:
+            out["table1_adaptive_vs_rmu"] = {"layer": plan.table_layer,
+                                             **method_comparison(table, clusters["table1"], targets=targets)}
+        if "adaptive-rmu" in methods:
+            base, ad = ti.iloc[0], ti[ti["method"] == "adaptive-rmu"].iloc[0]
+            topics = [t for t in clusters["table1"] if t != "general"]
+            out["adaptive_target"] = {
+                "forget": {t: ad[t] for t in topics}, "general": ad["general"], "base_general": base["general"],
+                "max_forget": WMDP_TARGETS.max_forget, "min_general_ratio": WMDP_TARGETS.min_general_ratio,
+                "held": bool(all(ad[t] <= WMDP_TARGETS.max_forget for t in topics)
+                             and WMDP_TARGETS.utility_kept(ad["general"], base["general"]))}
+    layer = frames.get("layer", pd.DataFrame())
+    if _has_outcomes(layer) and "layer" in clusters:
+        deep = deep_layer(plan)
+        try:
+            out["deep_adaptive_vs_rmu"] = {"layer": deep, **method_comparison(layer, clusters["layer"], layer=deep,
+                                                                              targets=targets)}
+        except ValueError as exc:
+            out["deep_adaptive_vs_rmu"] = {"layer": deep, "skipped": str(exc)}
+    return out
+
+
 def summarize(frames: Mapping[str, pd.DataFrame], plan: ExperimentPlan, theory: dict[str, Any],
-              targets: Targets = TARGETS) -> dict[str, Any]:
+              targets: Targets = TARGETS, clusters: Mapping[str, Mapping[str, tuple | None]] | None = None
+              ) -> dict[str, Any]:
     """Every number the summary reports, from the result frames ``{"coefficient", "layer", "table1"}`` and the
-    theory checks (JSON-ready)."""
+    theory checks (JSON-ready). ``clusters``: experiment -> :func:`question_clusters` of its runs' questions
+    (the intervals and paired tests of :func:`interval_claims`; without it, none)."""
     out: dict[str, Any] = {"theory": theory}
+    if clusters:
+        out.update(interval_claims(frames, plan, clusters, targets))
     layer = frames["layer"]
     if len(layer):
         out["layer_sweep"] = layer_targets(layer, targets)

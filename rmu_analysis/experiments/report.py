@@ -18,7 +18,7 @@ from .analysis import METHOD_NAMES, table1_frame, table1_select
 from .plans import ExperimentPlan
 from .targets import TARGETS, Targets, percent
 
-__all__ = ["EXPLANATIONS", "Claim", "render", "summary_markdown", "table1_markdown", "table1_text", "frame_markdown"]
+__all__ = ["EXPLANATIONS", "Claim", "render", "summary_markdown", "table1_markdown", "table1_interval_markdown", "table1_text", "frame_markdown"]
 
 #: Why a target can fail on the organism, written after measuring it; ``summary.md`` shows an entry only when the
 #: target it names did not hold and the model is the organism (the assertion itself is never loosened).
@@ -52,6 +52,19 @@ def table1_markdown(table: pd.DataFrame, *, names: Mapping[str, str] | None = No
     return (caption + "\n\n" if caption else "") + "\n".join(lines) + "\n"
 
 
+def table1_interval_markdown(table: pd.DataFrame, *, names: Mapping[str, str] | None = None, caption: str = "") -> str:
+    """Table 1 with 95% intervals (:func:`~.analysis.table1_intervals`): accuracy in %, pooled over seeds, [low,
+    high] from resampling facts."""
+    names = {**METHOD_NAMES, **(names or {})}
+    sets = [c[: -len("_low")] for c in table.columns if c.endswith("_low")]
+    lines = ["| method | setting | " + " | ".join(sets) + " | seeds |", "|" + "---|" * (len(sets) + 3)]
+    for _, r in table.iterrows():
+        cells = [f"{100 * r[s]:.1f} [{100 * r[f'{s}_low']:.1f}, {100 * r[f'{s}_high']:.1f}]" for s in sets]
+        lines.append(f"| {names.get(r['method'], r['method'])} | {r['setting']} | " + " | ".join(cells)
+                     + f" | {r['n_seeds']} |")
+    return (caption + "\n\n" if caption else "") + "\n".join(lines) + "\n"
+
+
 def frame_markdown(frame: pd.DataFrame, digits: int = 4) -> str:
     """A DataFrame as a Markdown table (no extra dependency)."""
     def cell(v: Any) -> str:
@@ -65,7 +78,7 @@ def frame_markdown(frame: pd.DataFrame, digits: int = 4) -> str:
 
 
 def table1_text(frame: pd.DataFrame, plan: ExperimentPlan, targets: Targets = TARGETS,
-                select: pd.DataFrame | None = None) -> str:
+                select: pd.DataFrame | None = None, intervals: pd.DataFrame | None = None) -> str:
     """``table1.md``: Table 1 with its caption, then every grid point (mean over seeds, accuracy in %). ``select``:
     the selection runs (dev questions, selection seeds) when the plan has them; the grid shown is theirs."""
     two_stage = select is not None and len(select)
@@ -79,8 +92,12 @@ def table1_text(frame: pd.DataFrame, plan: ExperimentPlan, targets: Targets = TA
                           ("forget_acc", "general_acc")})
     title = ("Every grid point on the dev questions (mean over the selection seeds, accuracy in %):" if two_stage
              else "Every grid point (mean over seeds, accuracy in %):")
-    return (table1_markdown(table1_frame(frame, targets), caption=caption)
-            + f"\n{title}\n\n" + frame_markdown(full.drop(columns=["base_general_acc"])))
+    head = table1_markdown(table1_frame(frame, targets), caption=caption)
+    if intervals is not None and len(intervals):
+        head = table1_interval_markdown(intervals, caption=caption.replace(
+            "mean ± std over seeds", "pooled over seeds with a 95% interval (facts resampled), seeds")) + \
+            "\nMean ± std over seeds:\n\n" + table1_markdown(table1_frame(frame, targets))
+    return (head + f"\n{title}\n\n" + frame_markdown(full.drop(columns=["base_general_acc"])))
 
 
 def _model_name(plan: ExperimentPlan) -> str:
@@ -225,9 +242,39 @@ def _early_late(s: Mapping[str, Any], t: Targets) -> Iterator[Line]:
                 "3–10 and 15.6 / 9.6 at layers 11–31.", ""]
 
 
+def _interval_row(name: str, d: Mapping[str, Any]) -> str:
+    return (f"{name} {100 * d['diff']:+.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] "
+            f"(McNemar p = {d['mcnemar_p']:.2g})")
+
+
+def _comparisons(s: Mapping[str, Any], t: Targets) -> Iterator[Line]:
+    """Adaptive RMU against RMU, paired, with intervals (test questions, facts resampled)."""
+    for key, where in (("table1_adaptive_vs_rmu", "Table 1's block"), ("deep_adaptive_vs_rmu", "a deep block")):
+        c = s.get(key)
+        if not c:
+            continue
+        if "skipped" in c:
+            yield f"- Adaptive RMU vs RMU at block {c['layer']}: {c['skipped']}"
+            continue
+        topics = [k for k in c if k not in ("layer", "general")]
+        beats = [k for k in topics if c[k]["high"] < 0]
+        rows = "; ".join(_interval_row(k, c[k]) for k in topics + ["general"] if k in c)
+        yield Claim(f"Adaptive RMU − RMU forget accuracy at {where} (block {c['layer']}, {c[topics[0]]['n_seeds']} "
+                    f"seeds paired): {rows}; Adaptive RMU forgets more beyond the interval on "
+                    f"{', '.join(beats) if beats else 'no topic'}", bool(beats) and len(beats) == len(topics),
+                    "target: the whole 95% interval below 0 on every forget topic")
+    at = s.get("adaptive_target")
+    if at:
+        forget = ", ".join(f"{k} {fmt(v, True)}" for k, v in at["forget"].items())
+        yield Claim(f"Adaptive RMU (Table 1's selected point) forgets to {forget} with general accuracy "
+                    f"{fmt(at['general'], True)} ({fmt(at['general'] / at['base_general'], True)} of base)", at["held"],
+                    f"target each forget topic ≤ {percent(at['max_forget'])} and general ≥ "
+                    f"{percent(at['min_general_ratio'])} of base")
+
+
 #: The sections of the claims, in order; each yields the lines of its claims.
 SECTIONS: tuple[Callable[[Mapping[str, Any], Targets], Iterator[Line]], ...] = (
-    _theory, _convergence, _coefficient_sweep, _layer_sweep, _collapse, _early_late)
+    _theory, _convergence, _coefficient_sweep, _layer_sweep, _comparisons, _collapse, _early_late)
 
 
 def _header(s: Mapping[str, Any], plan: ExperimentPlan, seconds: Mapping[str, float], quick: bool) -> list[str]:
