@@ -183,8 +183,10 @@ def reproduce_command(args) -> int:
                         fresh=args.fresh, progress=not args.no_progress, threads=threads, workers=workers,
                         experiments=tuple(args.only) if args.only else EXPERIMENTS)
     out = Path(args.out) if args.out is not None else default_out(args.quick)
-    print((out / "summary.md").read_text())
-    print(f"figures and tables in {out}/ ({summary['seconds']['total'] / 60:.1f} min)")
+    alone = args.only is not None and set(args.only) == {"robustness"}  # then only robustness.* were written
+    print((out / ("robustness.md" if alone else "summary.md")).read_text())
+    total = summary["seconds"] if alone else summary["seconds"]["total"]
+    print(f"figures and tables in {out}/ ({total / 60:.1f} min)")
     return 0
 
 

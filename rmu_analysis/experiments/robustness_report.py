@@ -54,9 +54,9 @@ def robustness_report(out: str | Path, results: str | Path, plan: RobustnessPlan
     trainings = {(r["method"], r["seed"]): r["train_seconds"] for r in rows if r["spec"]["unlearn"] is not None}
     compute = float(sum(r["attack_seconds"] for r in rows) + sum(trainings.values()))
     text = robustness_markdown(table, claim, plan)
-    text += (f"\nCost on the machine that computed the runs: {compute / 60:.1f} min of run time (training each "
-             f"model once, {len(trainings)} trainings, and every attack; the runs are spread over worker processes). "
-             f"This call: {outcome.ran} run(s) computed, {outcome.skipped} reused, "
+    text += (f"\nCost: {compute / 60:.1f} min of run time summed over the runs ({len(trainings)} trainings, each "
+             "model trained once, and every attack; each run's wall clock in its worker process, on the machine and "
+             f"under the load it ran with). This call: {outcome.ran} run(s) computed, {outcome.skipped} reused, "
              f"{(time.perf_counter() - t0) / 60:.1f} min.\n")
     out.mkdir(parents=True, exist_ok=True)
     _save(plot_gcg_curves(curve_frame(rows, "gcg"), title="GCG on the forget questions"), out / "robustness_gcg.png")
