@@ -2,9 +2,9 @@
 
 In order: the theory checks (noise sensitivity, Fig. 1; Proposition 1; Eq. 19; the input-gradient argument),
 the coefficient sweep (Fig. 2 / Fig. 3 and the c / ‖h_l‖ collapse), the layer sweep (Fig. 5, × 3 seeds) and
-Table 1 (× 3 seeds); before them the robustness lab (knowledge-recovery attacks on every method × 3 seeds,
-``experiments.robustness``; ``--only robustness`` runs it alone and writes only its files). Every run is one JSON
-file in ``<out>/results/`` (resumable: an interrupted reproduce
+Table 1 (× 3 seeds); when asked for (:data:`OPTIONAL`), before them the robustness lab (knowledge-recovery attacks
+on every method × 3 seeds, ``experiments.robustness``; ``--only robustness`` runs it alone and writes only its
+files). Every run is one JSON file in ``<out>/results/`` (resumable: an interrupted reproduce
 continues where it stopped; ``fresh=True`` recomputes). Writes the figures (PNG), ``table1.md``,
 ``summary.md`` (which claims held, with the numbers) and ``summary.json`` to ``<out>`` (default ``figures/``,
 ``figures/quick/`` for the reduced ``--quick`` plan). :func:`reproduce` only orchestrates: the numbers come from
@@ -41,10 +41,13 @@ from .experiments.theory_checks import theory_checks
 from .experiments.workbench import LazyWorkbench, Workbench
 from .recipes import organism_plan
 
-__all__ = ["reproduce", "add_reproduce_parser", "EXPERIMENTS"]
+__all__ = ["reproduce", "add_reproduce_parser", "EXPERIMENTS", "OPTIONAL"]
 
 #: The parts of a reproduction, in the order they run.
-EXPERIMENTS = ("theory", "coefficient", "layer", "table1", "robustness")
+EXPERIMENTS = ("theory", "coefficient", "layer", "table1")
+#: Parts run only when named (``--only robustness``, or with the others: ``--only theory coefficient layer table1
+#: robustness``): the robustness lab adds about 10 minutes on 2 cores, so a plain reproduce leaves it out.
+OPTIONAL = ("robustness",)
 _SWEEPS = (("coefficient", "coefficient sweep"), ("layer", "layer sweep"),
            ("table1_select", "Table 1, selection on dev"), ("table1", "Table 1"))
 
@@ -169,7 +172,8 @@ def add_reproduce_parser(subparsers):
     p.add_argument("--out", type=Path, default=None, help="output directory (default figures/, or figures/quick)")
     p.add_argument("--results", type=Path, default=None, help="results directory (default <out>/results)")
     p.add_argument("--fresh", action="store_true", help="recompute runs whose results already exist")
-    p.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=None)
+    p.add_argument("--only", nargs="+", choices=EXPERIMENTS + OPTIONAL, default=None,
+                   help="run only these parts (default: all but the optional robustness lab)")
     add_model_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=reproduce_command)
