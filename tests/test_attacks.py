@@ -2,6 +2,7 @@
 the model-state rules of relearning and ablation, the probe on synthetic data, and the fragility insertion."""
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 
@@ -14,6 +15,7 @@ from rmu_analysis.attacks import (
     attack_table, fit_probe, fragility, gcg, gcg_attack, gcg_transfer, insert_term, perturb_records, probe_attack,
     relearn, split_records, unlearning_direction,
 )
+from rmu_analysis.attacks import cli as attack_cli
 from rmu_analysis.attacks.common import COLUMNS
 from rmu_analysis.attacks.gcg import (
     adversarial_prompts, allowed_tokens, prefix_cache, suffix_choice_logprobs, text_choice_logprobs, token_gradients,
@@ -21,6 +23,8 @@ from rmu_analysis.attacks.gcg import (
 )
 from rmu_analysis.attacks.relearn import lm_loss
 from rmu_analysis.evaluation import evaluate_mcq, mcq_prompt
+from rmu_analysis.experiments import workbench
+from rmu_analysis.organism import organism_mcq
 from rmu_analysis.models import decoder_blocks
 from rmu_analysis.steering import steer
 
@@ -488,3 +492,18 @@ def test_cli_attack_fragility_on_the_organism(tmp_path, capsys):
         "clean accuracy", "perturbed accuracy", "drop"}
     assert main(["attack", "--model", "organism", "--attack", "ablate", "--out", str(out)]) == 2
     assert "--layer" in capsys.readouterr().err
+
+
+def test_cli_takes_dev_questions_from_the_organisms_dev_sets(monkeypatch):
+    args = argparse.Namespace(questions=None, model="organism", subject=None, split_key="entity", seed=0,
+                              n_questions=5)
+    recs, subj = attack_cli._questions(args)
+    dev, _, test, _ = attack_cli._split(args, recs, subj)  # no dev sets: split by entity
+    assert not {r["entity"] for r in dev} & {r["entity"] for r in test} and len(test) == 5
+    real = workbench.organism_data()
+    dev_sets = {t: [dict(r, question=r["question"] + " (dev)") for r in organism_mcq()[t][:4]] for t in ("bio", "cyber")}
+    fake = workbench.ExperimentData(real.name, real.forget, real.retain, real.mcq, real.subjects, dev_mcq=dev_sets)
+    monkeypatch.setattr(workbench, "organism_data", lambda: fake)
+    dev, dev_subj, test, _ = attack_cli._split(args, recs, subj)
+    assert len(dev) == len(dev_subj) == 8 and all(r["question"].endswith("(dev)") for r in dev)
+    assert len(test) == 5 and all(r in recs for r in test)

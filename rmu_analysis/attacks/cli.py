@@ -2,8 +2,9 @@
 
 Data default to the organism's (its bio and cyber questions, forget corpora, retain corpus and general questions)
 for the organism and for models unlearned from it; other models need ``--questions`` (and the files each attack
-reads). Forget questions are split into dev and test by the entity they ask about (``--split-key``), so the
-probe's training questions, GCG's transfer string and the relearning texts never see a test fact.
+reads). The probe's training questions and GCG's transfer string come from the organism's dev sets when it has them
+(testbed 2); otherwise forget questions are split into dev and test by the entity they ask about (``--split-key``),
+so they never see a test fact; the relearning texts name no test question's entity.
 """
 from __future__ import annotations
 
@@ -128,9 +129,29 @@ def _texts(paths, default_key: str, args) -> list[str]:
     return c["retain"]
 
 
+def _organism_dev(args) -> tuple[list[dict], list] | None:
+    """The organism's dev questions (bio, cyber) and subjects when it has dev sets (testbed 2) and no --questions."""
+    if args.questions or not _is_organism(args.model):
+        return None
+    from ..experiments.workbench import organism_data
+    from ..organism import SUBJECTS as ORG
+
+    dev = organism_data().dev_mcq
+    if not dev:
+        return None
+    recs = [r for topic in ("bio", "cyber") for r in dev.get(topic, [])]
+    return recs, [args.subject or ORG[r.get("domain", "bio")] for r in recs]
+
+
 def _split(args, recs: list[dict], subj: list) -> tuple[list[dict], list, list[dict], list]:
+    """(dev, dev subjects, test, test subjects): the organism's dev sets when it has them (every forget question is
+    then a test question), else the questions split by ``--split-key``; ``--n-questions`` test questions, seeded."""
     from .common import split_records
 
+    given = _organism_dev(args)
+    if given is not None:
+        keep = np.random.default_rng(args.seed).permutation(len(recs))[: args.n_questions]
+        return given[0], given[1], [recs[i] for i in sorted(keep)], [subj[i] for i in sorted(keep)]
     key = None if args.split_key == "none" else args.split_key
     if key is not None and not all(key in r for r in recs):
         key = None
