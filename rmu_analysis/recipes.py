@@ -59,39 +59,50 @@ def preset(name: str, **changes) -> RMUConfig | AdaptiveRMUConfig:
 
 
 def organism_plan(quick: bool = False) -> ExperimentPlan:
-    """The experiments on the built-in organism (12 blocks, cloze scoring), sized for 2 CPU cores (two one-thread
-    worker processes): the full plan ≈ 20 minutes, ``quick`` ≈ 2 minutes (one seed, blocks 3, 7, 11, the first
-    48 questions of each set and 32 held-out texts per corpus: its accuracies are on that subset).
+    """The experiments on the built-in organism (testbed 2: 12 blocks, cloze scoring), sized for 2 CPU cores (two
+    one-thread worker processes); ``quick`` ≈ 2 minutes (one seed, blocks 3, 7, 11, the first 48 questions of each
+    set and 32 held-out texts per corpus: its accuracies are on that subset).
 
-    Steering runs: 200 steps, lr 1e-2, α = 100 (the organism is tiny and trains fast; 100 steps do not converge).
-    Fixed c = 30 ≈ 3.4 × the frozen forget norm at block 3 (8.8, ``build_report.json``): it forgets at block 3
-    and, the norm growing 2.7× over depth, c / ‖h_l‖ falls to 1.2 at block 11. Adaptive RMU: β = 5 (the paper's).
-    Table 1 at block 3 (l = 7 of 32 in the paper, about the same relative depth). The baselines train the same
-    tensors as RMU (the MLP down-projections of blocks l−2..l), 100 steps, each over two learning rates that
-    bracket the step from "nothing forgotten" to "general accuracy collapses" (measured at block 3, seed 0: GA
-    3e-4 forgets nothing, 1e-3 collapses general to 39%, so GA also gets 5e-4 and 7e-4 between them; GradDiff
-    1e-3 → 74/56% forget, 3e-3 → collapse; NPO 1e-3 forgets nothing, 3e-3 → 66/53%).
+    Nothing here is chosen on the reported (test) questions:
+
+    - Table 1 at block 3 (l = 7 of 32 in the paper, about the same relative depth): every method gets a 3-point
+      grid, run with selection seed 100 and scored on the *dev* questions (entities disjoint from test); each
+      method's point with the lowest dev forget accuracy whose dev general accuracy is ≥ 85% of base is then run
+      with seeds 0, 1, 2 and scored on every test question (:func:`~.experiments.analysis.table1_choice`).
+      Grids: RMU c ∈ {35, 60, 85} (2, 3.5, 5 × the frozen forget norm at block 3, 17.1); Adaptive RMU β = 5 (the
+      paper's) with α ∈ {30, 100, 300}; GA lr ∈ {3e-4, 5e-4, 1e-3}, GradDiff lr ∈ {1e-3, 2e-3, 3e-3}, NPO lr ∈
+      {3e-3, 1e-2, 2e-2} (100 steps, the same trained tensors as RMU: MLP down-projections of blocks l−2..l).
+    - Steering runs: 200 steps, lr 1e-2, α = 100 — carried over from testbed 1 (where they were chosen), not
+      re-tuned. The layer sweep's fixed c = 60 follows testbed 1's rule, fixed before measuring: 3.4 × the
+      frozen forget norm at block 3 (17.1 here, 8.8 there); the norm growing 4.9× over depth, c / ‖h_l‖ falls to
+      0.7 at block 11.
+    - The layer and coefficient sweeps score one held-out wording per test fact (672 questions in all) to stay
+      within the time budget; Table 1 scores all three (2,016).
     """
-    steps, lr, alpha, c = 200, 1e-2, 100.0, 30.0
+    steps, lr, alpha, c = 200, 1e-2, 100.0, 60.0
     steering = {"lr": lr, "alpha": alpha}
     grid = grid_points(
-        ga=[{"lr": 3e-4, "steps": 100}, {"lr": 5e-4, "steps": 100}, {"lr": 7e-4, "steps": 100}, {"lr": 1e-3, "steps": 100}],
-        graddiff=[{"lr": 1e-3, "alpha": 1.0, "steps": 100}, {"lr": 3e-3, "alpha": 1.0, "steps": 100}],
-        npo=[{"lr": 3e-3, "coeff": 0.1, "alpha": 1.0, "steps": 100}, {"lr": 1e-2, "coeff": 0.1, "alpha": 1.0, "steps": 100}],
-        rmu=[{**steering, "coeff": c}, {**steering, "coeff": 40.0}],
-        adaptive_rmu=[{**steering, "coeff": 3.0}, {**steering, "coeff": 5.0}],
+        ga=[{"lr": 3e-4, "steps": 100}, {"lr": 5e-4, "steps": 100}, {"lr": 1e-3, "steps": 100}],
+        graddiff=[{"lr": 1e-3, "alpha": 1.0, "steps": 100}, {"lr": 2e-3, "alpha": 1.0, "steps": 100},
+                  {"lr": 3e-3, "alpha": 1.0, "steps": 100}],
+        npo=[{"lr": 3e-3, "coeff": 0.1, "alpha": 1.0, "steps": 100}, {"lr": 1e-2, "coeff": 0.1, "alpha": 1.0, "steps": 100},
+             {"lr": 2e-2, "coeff": 0.1, "alpha": 1.0, "steps": 100}],
+        rmu=[{**steering, "coeff": 35.0}, {**steering, "coeff": c}, {**steering, "coeff": 85.0}],
+        adaptive_rmu=[{"lr": lr, "alpha": a, "coeff": 5.0} for a in (30.0, 100.0, 300.0)],
     )
     evaluation = EvalSettings(scoring=SCORING)
     if quick:
-        small = grid_points(ga=[{"lr": 1e-3, "steps": 100}], graddiff=[{"lr": 1e-3, "alpha": 1.0, "steps": 100}],
-                            npo=[{"lr": 3e-3, "coeff": 0.1, "alpha": 1.0, "steps": 100}], rmu=[{**steering, "coeff": c}],
+        small = grid_points(ga=[{"lr": 5e-4, "steps": 100}], graddiff=[{"lr": 2e-3, "alpha": 1.0, "steps": 100}],
+                            npo=[{"lr": 1e-2, "coeff": 0.1, "alpha": 1.0, "steps": 100}], rmu=[{**steering, "coeff": c}],
                             adaptive_rmu=[{**steering, "coeff": 5.0}])
         return ExperimentPlan(layers=(3, 7, 11), c=c, steps=steps, lr=lr, alpha=alpha, table_layer=3,
-                              table_grid=small, seeds=(0,), coeff_layers=(3, 11), coeff_ratios=(1.0, 4.0),
+                              table_grid=small, seeds=(0,), selection_seeds=(100,), coeff_layers=(3, 11),
+                              coeff_ratios=(1.0, 4.0),
                               eval=dataclasses.replace(evaluation, questions=48, eval_texts=32, confidence_prompts=16))
     return ExperimentPlan(layers=tuple(valid_layers(12)), c=c, steps=steps, lr=lr, alpha=alpha, table_layer=3,
-                          table_grid=grid, seeds=(0, 1, 2), coeff_layers=(3, 7, 11),
-                          coeff_ratios=(0.5, 1.0, 2.0, 4.0, 8.0), adaptive_betas=(2.0, 10.0), eval=evaluation)
+                          table_grid=grid, seeds=(0, 1, 2), selection_seeds=(100,), sweep_per_fact=1,
+                          coeff_layers=(3, 7, 11), coeff_ratios=(0.5, 1.0, 2.0, 4.0, 8.0), adaptive_betas=(2.0, 10.0),
+                          eval=evaluation)
 
 
 def model_plan(n_blocks: int, *, model: str, data: str, c: float | None = None, layer: int | None = None,

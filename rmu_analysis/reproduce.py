@@ -28,11 +28,11 @@ import pandas as pd
 import torch
 
 from ._io import atomic_write_json, atomic_write_text
-from .experiments.analysis import summarize, table1_choice, table1_frame
+from .experiments.analysis import question_clusters, summarize, table1_choice, table1_frame
 from .experiments.cli import add_model_arguments, plan_from_args, resources, robustness_plan
 from .experiments.figures import sweep_figures
 from .experiments.plans import ExperimentPlan, plan_grids, plan_norms
-from .experiments.report import summary_markdown, table1_markdown, table1_text
+from .experiments.report import summary_markdown, table1_interval_markdown, table1_markdown, table1_text
 from .experiments.results import load_results
 from .experiments.robustness_report import robustness_report
 from .experiments.runner import run_sweep
@@ -115,10 +115,17 @@ def reproduce(out_dir: str | Path | None = None, *, quick: bool = False, plan: E
         seconds[name] = time.perf_counter() - t
         frames[name] = load_results(results, grids[name], logs=(name == "coefficient"))
 
-    summary = summarize(frames, plan, theory, targets)
+    clusters = {}
+    if any(any(c.startswith("correct_") for c in f.columns) for f in frames.values() if len(f)):
+        data = lazy().data  # the fact of every question: intervals resample facts
+        clusters = {"table1": question_clusters(data, plan.eval),
+                    "layer": question_clusters(data, dataclasses.replace(plan.eval, per_fact=plan.sweep_per_fact))}
+    summary = summarize(frames, plan, theory, targets, clusters)
     figures = sweep_figures(frames, plan, summary, out)
     if len(frames["table1"]):
-        atomic_write_text(out / "table1.md", table1_text(frames["table1"], plan, targets, frames.get("table1_select")))
+        atomic_write_text(out / "table1.md", table1_text(
+            frames["table1"], plan, targets, frames.get("table1_select"),
+            pd.DataFrame(summary["table1_intervals"]) if "table1_intervals" in summary else None))
         figures.append("table1.md")
     seconds["total"] = time.perf_counter() - t_start
     summary["seconds"] = seconds
@@ -130,7 +137,9 @@ def reproduce(out_dir: str | Path | None = None, *, quick: bool = False, plan: E
     summary["plan"] = json.loads(json.dumps(dataclasses.asdict(plan), default=str))
     md = summary_markdown(summary, plan, seconds, quick, targets=targets)
     if len(frames["table1"]):
-        md += "\n## Table 1\n\n" + table1_markdown(table1_frame(frames["table1"], targets))
+        md += "\n## Table 1\n\n" + (table1_interval_markdown(pd.DataFrame(summary["table1_intervals"]))
+                                      if "table1_intervals" in summary
+                                      else table1_markdown(table1_frame(frames["table1"], targets)))
     atomic_write_text(out / "summary.md", md)
     atomic_write_json(out / "summary.json", _jsonable(summary))
     return summary

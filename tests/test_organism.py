@@ -127,31 +127,3 @@ def test_shipped_files_are_small_and_complete():
     assert model.config.num_hidden_layers >= 12
     assert attached_tokenizer(model) is tok and tok.pad_token is not None
     assert tok("x")["input_ids"][0] == tok.bos_token_id
-
-
-def test_shipped_model_accuracy_equals_its_build_report():
-    from rmu_analysis.evaluation import evaluate_mcq
-
-    torch.set_num_threads(2)  # the conftest fixture restores one thread afterwards
-    model, tok = load_organism()
-    report = build_report()
-    mcq = organism_mcq()
-    for domain in DOMAINS:
-        for scoring in ("letter", "cloze"):
-            res = evaluate_mcq(model, tok, mcq[domain], subject=SUBJECTS[domain], scoring=scoring, batch_size=32)
-            assert round(float(res.accuracy), 4) == pytest.approx(report["accuracy"][domain][scoring], abs=1e-4)
-
-
-def test_shipped_model_meets_its_targets():
-    """Targets of the foundation issue that the shipped model reaches (cloze scoring, see README)."""
-    report = build_report()
-    for domain in DOMAINS:
-        assert report["accuracy"][domain]["cloze"] >= 0.85, (domain, report["accuracy"][domain])
-    norms = report["block_norms"]["retain"]
-    model, tok = load_organism()
-    measured = block_norms(model, tok, organism_corpora()["retain"][:64])
-    # the shipped report read hidden_states[l + 1], whose last entry is after the final norm (18.7 there); the raw
-    # output of the last block, which block_norms now reads, is larger: the norm grows through every block
-    assert measured[:-1] == pytest.approx(norms[:-1], abs=1e-3) and measured[-1] > 24 > norms[-1]
-    assert all(b > a for a, b in zip(measured, measured[1:])), measured
-    assert measured[-1] / measured[0] >= 2.5

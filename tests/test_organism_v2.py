@@ -6,8 +6,12 @@ import random
 from collections import Counter
 
 import pytest
+import torch
 
+from rmu_analysis.evaluation import evaluate_mcq
+from rmu_analysis.organism import SCORING, build_report, load_organism, organism_corpora, organism_mcq
 from rmu_analysis.organism import world_v2 as V
+from rmu_analysis.organism.build import block_norms
 from rmu_analysis.organism.build_v2 import BuildConfigV2, Stream, build_organism_v2, summary_v2, tokenizer_texts
 
 
@@ -118,7 +122,8 @@ def test_reduced_build_end_to_end(tmp_path):
     assert saved["version"] == 2 and set(saved["accuracy"]) == {"dev", "test"}
     text = summary_v2(saved)
     assert "bio/letter" in text and "input-independent model" in text
-    assert len(saved["floor"]["accuracy"]["bio"]) == 5
+    assert len(saved["floor"]["accuracy"]["cloze"]["bio"]) == 5 and len(saved["floor"]["accuracy"]["letter"]["cyber"]) == 5
+    assert 0 <= saved["floor"]["value_prior"]["bio"] <= 1
     first = json.loads((tmp_path / "org" / "data" / "bio-mcq.jsonl").read_text().splitlines()[0])
     assert {"fact_id", "split", "in_corpus"} <= set(first)
     with pytest.raises(FileExistsError):
@@ -130,10 +135,49 @@ def test_reduced_build_end_to_end(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
-def test_cli_testbed_2_flags_are_checked_before_any_work(capsys):
+def test_cli_testbed_flags_are_checked_before_any_work(capsys):
     from rmu_analysis.cli import main
 
-    assert main(["organism", "build", "--testbed", "2"]) == 2  # no --out: never over the shipped organism
+    assert main(["organism", "build", "--testbed", "1"]) == 2  # no --out: never over the shipped organism
     assert "--out" in capsys.readouterr().err
-    assert main(["organism", "build", "--eval-every", "5"]) == 2  # a testbed-2 option on testbed 1
+    assert main(["organism", "build", "--testbed", "1", "--out", "x", "--eval-every", "5"]) == 2
     assert "testbed-2 option" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ the shipped model
+def test_shipped_organism_is_testbed_2_with_dev_and_test_questions():
+    report = build_report()
+    assert report["version"] == V.VERSION
+    test, dev = organism_mcq(), organism_mcq(split="dev")
+    world = BuildConfigV2(**{k: (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v)
+                             for k, v in report["config"].items() if k in BuildConfigV2.__dataclass_fields__}).world()
+    for domain in V.DOMAINS:  # the shipped files are the world's question sets
+        assert test[domain] == world.mcq["test"][domain] and dev[domain] == world.mcq["dev"][domain]
+        assert not {r["entity"] for r in test[domain]} & {r["entity"] for r in dev[domain]}
+
+
+def test_shipped_model_accuracy_equals_its_build_report():
+    torch.set_num_threads(2)  # the conftest fixture restores one thread afterwards
+    model, tok = load_organism()
+    report = build_report()
+    for split in ("dev", "test"):
+        mcq = organism_mcq(split=split)
+        for domain in V.DOMAINS:
+            res = evaluate_mcq(model, tok, mcq[domain], subject=V.SUBJECTS[domain], scoring="cloze", batch_size=64)
+            assert round(float(res.accuracy), 4) == pytest.approx(report["accuracy"][split][f"{domain}/cloze"], abs=1e-4)
+
+
+def test_shipped_model_meets_its_targets():
+    """Testbed-2 targets the shipped model reaches, on the test questions (docs/testbed_v2.md): cloze ≥ 85% on
+    every set, an input-independent model ≤ 28% on each forget topic (every draw, the default scoring) and so is
+    the value-frequency prior, norm growth ≥ 2.5×."""
+    report = build_report()
+    for domain in V.DOMAINS:
+        assert report["accuracy"]["test"][f"{domain}/cloze"] >= 0.85, (domain, report["accuracy"]["test"])
+    for topic, draws in report["floor"]["accuracy"][SCORING].items():
+        assert max(draws) <= 0.28, (topic, draws)
+        assert report["floor"]["value_prior"][topic] <= 0.28
+    model, tok = load_organism()
+    measured = block_norms(model, tok, organism_corpora()["retain"][:64])
+    assert measured == pytest.approx(report["block_norms"]["retain"], abs=1e-3)
+    assert measured[-1] / measured[0] >= 2.5, measured

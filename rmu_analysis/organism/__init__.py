@@ -1,9 +1,12 @@
 """The built-in model organism: a tiny Llama trained on a synthetic world with hazardous and benign knowledge.
 
 ``load_organism()`` returns ``(model, tokenizer)`` from the files shipped inside the package (no network);
-``organism_corpora()`` and ``organism_mcq()`` return its forget/retain corpora and held-out question sets in the
-reference formats (WMDP's corpora and question records). ``build_organism()`` trains it anew
-(``rmu-analysis organism build``). ``load_model("organism")`` finds :func:`load_organism` through the model registry
+``organism_corpora()`` and ``organism_mcq(split="test"|"dev")`` return its forget/retain corpora and held-out
+question sets in the reference formats (WMDP's corpora and question records). The shipped organism is testbed 2
+(:mod:`.world_v2`, :mod:`.build_v2`: balanced answers, a dev/test split on disjoint entities, three held-out
+wordings per fact, WMDP-shaped corpora; docs/testbed_v2.md); ``build_organism()`` trains it anew
+(``rmu-analysis organism build``). The first organism (:mod:`.world`, :mod:`.build`) stays buildable with
+``rmu-analysis organism build --testbed 1 --out DIR``. ``load_model("organism")`` finds :func:`load_organism` through the model registry
 (``models.MODELS``).
 """
 from __future__ import annotations
@@ -23,8 +26,8 @@ from ..models import attach_tokenizer
 #: (see README, "The model organism"); both scorers stay available everywhere.
 SCORING = "cloze"
 ASSETS = Path(__file__).resolve().parent / "assets"
-from .world import DOMAINS, SUBJECTS, TOPICS, generate_world  # noqa: E402  (after ASSETS: build.py reads it)
-from .build import build_organism  # noqa: E402
+from .world_v2 import DOMAINS, SUBJECTS, TOPICS, generate_world  # noqa: E402  (after ASSETS: the builders read it)
+from .build_v2 import build_organism_v2 as build_organism  # noqa: E402
 
 
 class OrganismMissingError(FileNotFoundError):
@@ -35,7 +38,7 @@ def _require(path: Path) -> Path:
     if not path.exists():
         raise OrganismMissingError(
             f"the model organism is missing: {path} does not exist. Reinstall rmu_analysis, or rebuild it with "
-            "`rmu-analysis organism build` (about 15 minutes on 2 CPU cores)."
+            "`rmu-analysis organism build` (about 35 minutes on 2 CPU cores)."
         )
     return path
 

@@ -171,6 +171,20 @@ def input_independent_floor(model, tokenizer, records: list[dict], subject: str,
     return out
 
 
+def floor_report(model, tokenizer, world: V.World, *, layer: int, coeff: float, draws: int = 5) -> dict:
+    """The testbed's floor on the test questions of each forget topic, for both scorings: the accuracy of the model
+    whose block-``layer`` output is ``coeff``·u at every position (``draws`` directions u), and the value-frequency
+    prior (the best accuracy without the model: always choosing the value most often right)."""
+    out = {"layer": layer, "coeff": round(coeff, 4), "draws": draws, "accuracy": {}, "value_prior": {}}
+    for scoring in ("cloze", "letter"):
+        out["accuracy"][scoring] = {d: input_independent_floor(model, tokenizer, world.mcq["test"][d], V.SUBJECTS[d],
+                                                               layer=layer, coeff=coeff, draws=draws, scoring=scoring)
+                                    for d in V.TOPICS}
+    for d in V.TOPICS:
+        out["value_prior"][d] = round(V.value_prior(world, world.mcq["test"][d]), 4)
+    return out
+
+
 def build_organism_v2(out_dir: str | Path | None = None, config: BuildConfigV2 | None = None, *,
                       overwrite: bool = False, progress: bool = True, eval_every: int = 0,
                       log: Callable[[dict], None] | None = None) -> dict:
@@ -206,9 +220,7 @@ def build_organism_v2(out_dir: str | Path | None = None, config: BuildConfigV2 |
         norms = {name: block_norms(model, tokenizer, texts[:64]) for name, texts in
                  (("retain", world.retain_corpus), ("bio", world.forget_corpus["bio"]),
                   ("cyber", world.forget_corpus["cyber"]))}
-        coeff = 5.0 * norms["bio"][layer]
-        floor = {d: input_independent_floor(model, tokenizer, world.mcq["test"][d], V.SUBJECTS[d], layer=layer,
-                                            coeff=coeff) for d in V.TOPICS}
+        floor = floor_report(model, tokenizer, world, layer=layer, coeff=5.0 * norms["bio"][layer])
     report = {
         "version": V.VERSION,
         "config": dataclasses.asdict(cfg),
@@ -218,7 +230,7 @@ def build_organism_v2(out_dir: str | Path | None = None, config: BuildConfigV2 |
         "accuracy": accuracy,
         "learning_curve": curve,
         "world": V.check_world(world),
-        "floor": {"layer": layer, "coeff": round(coeff, 4), "draws": 5, "accuracy": floor},
+        "floor": floor,
         "block_norms": norms,
         "loss_curve": losses,
         "train_seconds": round(train_seconds, 1),
@@ -247,8 +259,9 @@ def summary_v2(report: dict) -> str:
     for split, acc in report["accuracy"].items():
         lines.append(f"  {split:4s} " + "  ".join(f"{k} {v:.1%}" for k, v in acc.items()))
     floor = report["floor"]
-    lines.append(f"  input-independent model (block {floor['layer']} := {floor['coeff']:.1f}·u, 5 draws): "
-                 + "  ".join(f"{d} {max(v):.1%}" for d, v in floor["accuracy"].items()))
+    for scoring, acc in floor["accuracy"].items():
+        lines.append(f"  input-independent model ({scoring}; block {floor['layer']} := {floor['coeff']:.1f}·u, "
+                     f"{floor['draws']} draws, highest): " + "  ".join(f"{d} {max(v):.1%}" for d, v in acc.items()))
     norms = report["block_norms"]["retain"]
     lines.append(f"  block norms (retain): {norms[0]:.1f} -> {norms[-1]:.1f} ({norms[-1] / norms[0]:.2f}x)")
     return "\n".join(lines)

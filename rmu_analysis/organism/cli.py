@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from ..evaluation import evaluate_mcq
+from ..stats import format_interval
 from . import SUBJECTS, build_report, load_organism, organism_corpora, organism_mcq
 from .build import BuildConfig, block_norms, build_organism, evaluate_organism, main_summary
 from .build_v2 import BuildConfigV2, build_organism_v2, summary_v2
@@ -24,19 +26,19 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
 def add_organism_parser(subparsers) -> argparse.ArgumentParser:
     org = subparsers.add_parser("organism", help="build or inspect the built-in model organism")
     org_sub = org.add_subparsers(dest="organism_command", required=True)
-    b = org_sub.add_parser("build", help="train the organism from scratch (about 15 minutes on 2 CPU cores)")
+    b = org_sub.add_parser("build", help="train the organism from scratch (testbed 2: about 35 minutes on 2 CPU cores)")
     b.add_argument("--out", default=None, help="output directory (default: the package's shipped assets)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--steps", type=int, default=None, help="training steps (default: the shipped model's)")
     b.add_argument("--layers", type=int, default=None, help="decoder blocks (default: the shipped model's)")
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--balanced-values", action="store_true",
-                   help="every attribute value answers equally many questions (the shipped organism: off)")
+                   help="testbed 1: every attribute value answers equally many questions (testbed 2 always is)")
     b.add_argument("--overwrite", action="store_true",
                    help="replace an existing output directory that rmu-analysis wrote (any other is refused)")
-    b.add_argument("--testbed", type=int, choices=(1, 2), default=1,
-                   help="1: the shipped organism's world; 2: the testbed-v2 world (balanced answers, dev/test "
-                        "split, WMDP-shaped corpora, matching drills; needs --out, not shipped yet)")
+    b.add_argument("--testbed", type=int, choices=(1, 2), default=2,
+                   help="2 (the shipped organism): balanced answers, dev/test split, WMDP-shaped corpora, three "
+                        "held-out wordings per fact; 1: the first organism's world, for comparison (needs --out)")
     b.add_argument("--eval-every", type=int, default=0,
                    help="testbed 2: evaluate the dev questions every N steps and print the learning curve")
     b.add_argument("--tie-embeddings", action="store_true", help="testbed 2: one matrix for embedding and unembedding")
@@ -56,11 +58,13 @@ def demo(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"organism: LlamaForCausalLM, {model.config.num_hidden_layers} blocks, width {model.config.hidden_size}, "
           f"{n_params:,} parameters")
-    print("held-out multiple-choice accuracy (chance 25%):")
+    print("held-out multiple-choice accuracy on the test questions, 95% interval (facts resampled; chance 25%):")
     mcq = organism_mcq()
-    accuracy = evaluate_organism(model, tok, mcq)
     for domain, records in mcq.items():
-        row = [f"{scoring} {acc:6.1%}" for scoring, acc in accuracy[domain].items()]
+        row = []
+        for scoring in ("cloze", "letter"):
+            res = evaluate_mcq(model, tok, records, subject=SUBJECTS[domain], scoring=scoring, batch_size=32)
+            row.append(f"{scoring} {format_interval(res.interval())}")
         print(f"  {domain:8s} ({len(records):3d} questions)  " + "  ".join(row))
     corpora = organism_corpora()
     print("mean token norm of each block's output (BOS excluded):")
@@ -76,8 +80,6 @@ def demo(args: argparse.Namespace) -> int:
 def build(args: argparse.Namespace) -> int:
     overrides = {"steps": args.steps, "n_layers": args.layers}
     if args.testbed == 2:
-        if args.out is None:
-            raise ValueError("--testbed 2 needs --out DIR: the shipped organism is still testbed 1")
         if args.balanced_values:
             raise ValueError("--balanced-values is a testbed-1 option (testbed 2 is always balanced)")
         if args.eval_every < 0:
@@ -88,8 +90,10 @@ def build(args: argparse.Namespace) -> int:
                                    eval_every=args.eval_every, log=lambda rec: print(json.dumps(rec), flush=True))
         print(summary_v2(report))
         return 0
+    if args.out is None:
+        raise ValueError("--testbed 1 needs --out DIR: the shipped organism is testbed 2")
     if args.eval_every or args.tie_embeddings:
-        raise ValueError("--eval-every and --tie-embeddings are testbed-2 options: add --testbed 2")
+        raise ValueError("--eval-every and --tie-embeddings are testbed-2 options")
     cfg = BuildConfig(seed=args.seed, threads=args.threads, balanced_values=args.balanced_values,
                       **{k: v for k, v in overrides.items() if v is not None})
     report = build_organism(args.out, cfg, overwrite=args.overwrite, progress=True)
@@ -99,5 +103,6 @@ def build(args: argparse.Namespace) -> int:
 
 def info(args: argparse.Namespace) -> int:
     report = build_report(args.path)
-    print(json.dumps(report, indent=2) if args.json else main_summary(report))
+    summary = summary_v2 if "version" in report else main_summary
+    print(json.dumps(report, indent=2) if args.json else summary(report))
     return 0
