@@ -420,23 +420,29 @@ def confidence_control(
     generate: int = 0,
     batch_size: int = 16,
     cluster_key: Any = None,
+    scoring: str = "letter",
 ) -> ConfidenceControl:
     """C1 with a control (Fig. 2a–d): for each model (name -> model or :class:`UnlearnResult`, installed in
     ``base``; include the base model itself, e.g. ``{"base": base, "rmu": res_rmu, "ga": res_ga, ...}``), MaxLogit,
-    max probability and entropy on the lettered forget prompts (the zero-shot "… Answer:" prompt of
+    max probability and entropy on the forget prompts (the zero-shot "… Answer:" prompt of
     :func:`~rmu_analysis.evaluation.evaluate_mcq`; ``generate=k``: k greedy tokens, else the next token) and the
-    forget accuracy on the same questions, so each confidence is read beside its accuracy."""
+    forget accuracy on the same questions, so each confidence is read beside its accuracy. ``scoring``: the
+    lettered template (``"letter"``, as lm-eval on WMDP) or ``"cloze"`` (question then "Answer:", the next token
+    being the answer's first; for a model that answers only in cloze, such as the organism, whose lettered
+    accuracy is at chance for every model and so cannot tell matched from unmatched forgetting)."""
     if not models:
         raise ValueError("models is empty: pass {name: model or UnlearnResult}")
     recs = question_records(records)
     subjects = subject_list(subject, len(recs))
-    prompts = [mcq_prompt(r, s, scoring="letter") for r, s in zip(recs, subjects)]
+    if scoring not in ("letter", "cloze"):
+        raise ValueError(f"scoring must be 'letter' or 'cloze', got {scoring!r}")
+    prompts = [mcq_prompt(r, s, scoring=scoring) for r, s in zip(recs, subjects)]
     conf, acc = {}, {}
     for name, run in models.items():
         with _as_model(run, base) as model:
             tok = resolve_tokenizer(model, tokenizer)
             conf[name] = measure_confidence(model, prompts, tok, generate=generate, batch_size=batch_size)
-            acc[name] = evaluate_mcq(model, tok, recs, subjects, scoring="letter", batch_size=batch_size,
+            acc[name] = evaluate_mcq(model, tok, recs, subjects, scoring=scoring, batch_size=batch_size,
                                      cluster_key=cluster_key)
     return ConfidenceControl(confidence=conf, accuracy=acc)
 

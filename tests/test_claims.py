@@ -193,3 +193,9 @@ def test_confidence_control_and_verdict(model, tok):
     assert ent["held"]
     with pytest.raises(ValueError, match="no \\(misdirection"):
         C.misdirection_verdict(control, misdirection=("rmu",), output=("ga",))
+    cloze = C.confidence_control({"base": model, "flat": flat}, tok, records, scoring="cloze")
+    assert cloze.accuracy["base"].scoring == "cloze" and cloze.accuracy["base"].prompts[0].endswith("\nAnswer:")
+    assert np.array_equal(cloze.accuracy["flat"].correct, cloze.accuracy["base"].correct)
+    assert C.misdirection_verdict(cloze, misdirection=("flat",), output=("base",))["held"]
+    with pytest.raises(ValueError, match="scoring"):
+        C.confidence_control({"base": model}, tok, records, scoring="lettered")
