@@ -428,17 +428,21 @@ def test_plan_grids_sizes_and_coefficients():
     grids = E.plan_grids(plan, {l: 10.0 + l for l in plan.coeff_layers})
     assert len(grids["layer"]) == len(plan.layers) * 2 * len(plan.seeds) and len(plan.seeds) >= 3
     assert list(plan.layers) == E.valid_layers(12)
-    n_table = sum(len(p) for _, p in plan.table_grid) * len(plan.seeds)
-    assert len(grids["table1"]) == n_table and {s.method for s in grids["table1"]} == \
-        {"ga", "graddiff", "npo", "rmu", "adaptive-rmu"}
+    # Table 1: every grid point on dev with the selection seeds, then one chosen point per method on test
+    n_points = [len(p) for _, p in plan.table_grid]
+    assert len(set(n_points)) == 1  # the baselines get a grid as large as the steering methods'
+    assert len(grids["table1_select"]) == sum(n_points) * len(plan.selection_seeds) and grids["table1"] == []
+    assert {s.eval.split for s in grids["table1_select"]} == {"dev"}
+    assert not set(plan.selection_seeds) & set(plan.seeds)
+    chosen = {m: points[-1] for m, points in plan.grid().items()}
+    reported = E.plan_grids(plan, {l: 10.0 + l for l in plan.coeff_layers}, selected=chosen)["table1"]
+    assert len(reported) == len(chosen) * len(plan.seeds) and {s.eval.split for s in reported} == {"test"}
+    assert {s.method for s in reported} == {"ga", "graddiff", "npo", "rmu", "adaptive-rmu"}
+    assert {s.eval.per_fact for s in grids["layer"]} == {plan.sweep_per_fact} and reported[0].eval.per_fact is None
     rmu = [s for s in grids["coefficient"] if s.method == "rmu" and s.layer == plan.coeff_layers[0]]
     assert [s.coeff for s in rmu] == [float(f"{r * (10.0 + plan.coeff_layers[0]):.4g}") for r in plan.coeff_ratios]
     for g in grids.values():
         assert len({s.key() for s in g}) == len(g)
-    # a run in two experiments (e.g. Table 1's RMU at the layer-sweep c) has one key and runs once
-    shared = {s.key() for s in grids["table1"]} & {s.key() for s in grids["layer"]}
-    assert {(s.method, s.layer) for s in grids["table1"] if s.key() in shared} <= {("rmu", plan.table_layer),
-                                                                                   ("adaptive-rmu", plan.table_layer)}
     with pytest.raises(ValueError, match="norms"):
         E.plan_grids(plan)
 
