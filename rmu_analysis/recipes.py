@@ -6,8 +6,9 @@
   (:mod:`rmu_analysis.unlearning.config`); the ``zephyr-7b-*`` presets and :func:`model_plan` take it from there.
 - The organism is 12 blocks of width 128, so its recipes differ (lr 1e-2 and α = 100 instead of 5e-5 and 1200: at
   the paper's values nothing moves in a 384-wide MLP, benchmarks/organism_methods.py) and differ from each other
-  on purpose: ``organism-*`` (l = 3, c = 40: the best of c ∈ {6.5 … 80} in that benchmark; 200 steps, one pass
-  over the corpora), :func:`organism_plan` (the sweeps: c = 30, see its docstring) and ``organism-notebook-*``
+  on purpose: ``organism-*`` (l = 3: the Table 1 points :func:`organism_plan` selected on the dev questions;
+  200 steps for the steering methods, one pass over the corpora), :func:`organism_plan` (the sweeps, see its
+  docstring) and ``organism-notebook-*``
   (the notebooks' small, fast runs: l = 2, α = 10, 60 steps on 64-token texts, masked loss, every step logged;
   c is chosen per notebook relative to the block-l norm).
 """
@@ -38,11 +39,15 @@ PRESETS: dict[str, RMUConfig | AdaptiveRMUConfig] = {
     "zephyr-7b-rmu": ZEPHYR,
     "zephyr-7b-adaptive-rmu": AdaptiveRMUConfig(trained_layers=(5, 6, 7), forget_max_length=(512, 768),
                                                 coefficient="first-batch"),
-    "organism-rmu": RMUConfig(steering_coeff=40.0, **_ORGANISM),
+    # The organism's presets are the Table 1 grid points organism_plan() selected on the *dev* questions with
+    # selection seed 100 (figures/table1.md, summary.json "table1_grid"; experiments.table1_choice: per method the
+    # lowest dev forget accuracy with dev general accuracy >= 85% of base), all at block 3 on the same trained
+    # tensors (MLP down-projections of blocks 1-3): RMU c = 85 (of 35 / 60 / 85), Adaptive RMU beta = 5 with
+    # alpha = 100 (of 30 / 100 / 300), GA lr 1e-3 (of 3e-4 / 5e-4 / 1e-3), GradDiff lr 1e-3 (of 1e-3 / 2e-3 / 3e-3),
+    # NPO lr 1e-2 (of 3e-3 / 1e-2 / 2e-2); steering 200 steps, baselines 100.
+    "organism-rmu": RMUConfig(steering_coeff=85.0, **_ORGANISM),
     "organism-adaptive-rmu": AdaptiveRMUConfig(beta=5.0, coefficient="first-batch", **_ORGANISM),
-    # the baselines at the Table 1 grid points organism_plan() selected (lowest forget accuracy with general
-    # accuracy kept): block 3, the same trained tensors as RMU, 100 steps
-    "organism-ga": GAConfig(layer=3, lr=5e-4, steps=100, batch_size=4),
+    "organism-ga": GAConfig(layer=3, lr=1e-3, steps=100, batch_size=4),
     "organism-graddiff": GradDiffConfig(layer=3, lr=1e-3, alpha=1.0, steps=100, batch_size=4),
     "organism-npo": NPOConfig(layer=3, lr=1e-2, beta=0.1, alpha=1.0, steps=100, batch_size=4),
     "organism-notebook-rmu": RMUConfig(**_NOTEBOOK),

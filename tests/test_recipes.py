@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 
 from rmu_analysis import PRESETS as exported
+from rmu_analysis.experiments.specs import RunSpec
 from rmu_analysis.recipes import PLANS, PRESETS, ZEPHYR, model_plan, organism_plan, preset
 from rmu_analysis.unlearning import AdaptiveRMUConfig, RMUConfig
 
@@ -22,8 +23,17 @@ def test_zephyr_presets_are_the_papers_recipe():
 
 
 def test_organism_recipes():
-    assert PRESETS["organism-rmu"] == RMUConfig(layer=3, steering_coeff=40.0, alpha=100.0, lr=1e-2, batch_size=4,
+    assert PRESETS["organism-rmu"] == RMUConfig(layer=3, steering_coeff=85.0, alpha=100.0, lr=1e-2, batch_size=4,
                                                 steps=200)
+    # every organism preset is a point of organism_plan()'s Table 1 grid (the one selected on the dev questions)
+    plan = organism_plan()
+    names = {"rmu": "organism-rmu", "adaptive-rmu": "organism-adaptive-rmu", "ga": "organism-ga",
+             "graddiff": "organism-graddiff", "npo": "organism-npo"}
+    for method, points in plan.grid().items():
+        configs = [RunSpec(method=method, layer=plan.table_layer, seed=0, **{**plan.common(), **p}).config()
+                   for p in points]
+        want = dataclasses.replace(PRESETS[names[method]], seed=0)
+        assert any(dataclasses.replace(c, log_every=want.log_every) == want for c in configs), method
     notebook = PRESETS["organism-notebook-rmu"]
     assert (notebook.layer, notebook.lr, notebook.alpha, notebook.steps, notebook.loss) == (2, 1e-2, 10.0, 60, "masked")
     adaptive = preset("organism-notebook-adaptive-rmu", layer=4)
