@@ -26,7 +26,8 @@ from __future__ import annotations
 from .analysis import (
     METHOD_NAMES, coefficient_sweep, collapse_points, collapse_summary, convergence_check, early_late,
     early_late_split, isotonic_decreasing, layer_table, layer_targets, point_label, spearman, summarize,
-    table1_choice, table1_frame, table1_select,
+    table1_choice, table1_frame, table1_select, question_clusters, pooled_interval, paired_runs, table1_intervals,
+    method_comparison, deep_layer, interval_claims,
 )
 from .measure import (
     accuracies, accuracy_table, alignment_table, confidence_table, each_installed, forget_norms, lm_loss,
@@ -59,6 +60,7 @@ __all__ = [
     "plan_grids", "plan_norms", "saved_norms", "Targets", "TARGETS", "WMDP_TARGETS",
     "spearman", "isotonic_decreasing", "layer_table", "layer_targets", "early_late", "early_late_split",
     "collapse_points", "collapse_summary", "coefficient_sweep", "convergence_check", "point_label", "METHOD_NAMES",
-    "table1_select", "table1_choice", "table1_frame", "summarize", "table1_markdown", "table1_text", "frame_markdown",
+    "table1_select", "table1_choice", "table1_frame", "summarize", "question_clusters", "pooled_interval",
+    "paired_runs", "table1_intervals", "method_comparison", "deep_layer", "interval_claims", "table1_markdown", "table1_text", "frame_markdown",
     "summary_markdown",
 ]

@@ -24,13 +24,12 @@ __all__ = ["EXPLANATIONS", "Claim", "render", "summary_markdown", "table1_markdo
 #: target it names did not hold and the model is the organism (the assertion itself is never loosened).
 EXPLANATIONS: dict[str, str] = {
     "min_general_over_base": (
-        "on the organism the failing runs are Adaptive RMU at the deepest blocks (10, 11), where c = 5·‖h_l‖ is "
-        "above 100 and the trained down-projections sit close to the output; α = 100 does not hold general "
-        "knowledge fully there (notebook 06 lists the runs)."),
+        "steering hard enough to forget costs general knowledge in some runs: α = 100 does not hold it fully, most "
+        "of all where c / ‖h_l‖ is large (notebook 06 lists every run below the bar)."),
     "noise_sensitivity": (
-        "the organism's base-model Φ curve is U-shaped (falls for a few blocks, then climbs back), not falling "
-        "with depth; an RMU model with noise at its unlearn layer does show the paper's minimum right after it "
-        "(notebook 03)."),
+        "this check pushes the mean state through the blocks as a one-token sequence at position 0 (the BOS "
+        "regime); with noise at every token of real forget prompts, Φ does fall with depth on the organism "
+        "(notebook 03, `mechanism.token_noise_sensitivity`)."),
     "input_gradients": (
         "trained unlearned models have larger, not near-zero, input gradients; only the idealised model (block "
         "output replaced by c·u at every token) has zero gradient, as Eq. 20–22 assume (notebook 08)."),
