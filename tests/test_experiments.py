@@ -349,13 +349,13 @@ def test_summary_claims_render_their_verdict_and_explain_only_on_the_organism():
     assert render(Claim("x = 1", True, "target x > 0")) == ["- x = 1 — **held** (target x > 0)."]
     assert render(Claim("y", target="reported, no target")) == ["- y (reported, no target)."]
     failed = render(Claim("z", False, explain="noise_sensitivity"))
-    assert failed[0] == "- z — **not held**." and failed[1].startswith("  - Why: the organism's")
+    assert failed[0] == "- z — **not held**." and failed[1].startswith("  - Why: this check pushes the mean state")
     assert render(Claim("z", False, explain="noise_sensitivity"), explain=False) == ["- z — **not held**."]
     summary = {"theory": {"noise_sensitivity": {"spearman_rho_k_phi": 0.1, "layer": 3, "held": False}},
                "layer_sweep": E.layer_targets(layer_frame(), E.Targets(min_general_ratio=0.95))}
     plan = organism_plan(quick=True)
     md = E.summary_markdown(summary, plan, {"total": 60.0}, quick=True)
-    assert "(target ρ ≤ −0.5)" in md and "Why: the organism's base-model Φ curve" in md
+    assert "(target ρ ≤ −0.5)" in md and "Why: this check pushes the mean state" in md
     assert "Adaptive RMU at most 35% forget accuracy at ≥ 80% of layers: 83.3% of layers — **held**." in md
     assert "- General accuracy ≥ 85% of base in every run: worst 90.0% of base" in md
     other = E.summary_markdown(summary, dataclasses.replace(plan, model="/models/x"), {"total": 60.0}, quick=False)
