@@ -141,4 +141,5 @@ def test_cli_flag_and_presets():
         build_config(parser.parse_args(["unlearn", "--method", "ga", "--retain-noise", "0.1", "--out", "x"]))
     with pytest.raises(ValueError, match="retain_noise must be a finite number >= 0"):
         build_config(parser.parse_args(["unlearn", "--method", "rmu", "--retain-noise", "-1", "--out", "x"]))
-    assert all(p.retain_noise == 0.0 for p in PRESETS.values()), "the recipes run without noise unless asked"
+    steering = [p for p in PRESETS.values() if hasattr(p, "retain_noise")]  # the baselines' configs have no such field
+    assert len(steering) >= 4 and all(p.retain_noise == 0.0 for p in steering), "the recipes run without noise unless asked"
