@@ -26,7 +26,8 @@ from .activations import token_norms
 from .confidence import METRICS, Confidence, measure_confidence
 from .evaluation import MCQResult, evaluate_mcq, mcq_prompt, question_records, subject_list
 from .models import check_layer, resolve_tokenizer
-from .stats import N_BOOT, Interval, mean_interval, paired_difference
+from .stats import N_BOOT, Interval, finite_mean_interval, paired_difference
+from .theory import log_frame, log_hidden_size
 from .unlearning import UnlearnResult
 
 __all__ = [
@@ -34,15 +35,6 @@ __all__ = [
     "matched_forget", "compare_matched", "MatchedComparison", "PairedMean", "paired_mean_difference",
     "ConfidenceControl", "confidence_control", "misdirection_verdict",
 ]
-
-
-def _t(values: Any, level: float = 0.95) -> Interval:
-    v = np.asarray(values, float)
-    v = v[np.isfinite(v)]
-    if v.size < 2:
-        m = float(v.mean()) if v.size else float("nan")
-        return Interval(m, float("nan"), float("nan"), int(v.size), int(v.size), "t", level)
-    return mean_interval(v, level=level)
 
 
 @contextlib.contextmanager
@@ -74,7 +66,7 @@ class NormTrajectories:
         rows = []
         frozen = self.frame[self.frame["step"] == -1].groupby("layer")["norm"].first()
         for (layer, step), part in self.frame.groupby(["layer", "step"]):
-            ci = _t(part["norm"], level)
+            ci = finite_mean_interval(part["norm"], level)
             rows.append({"layer": int(layer), "step": int(step), "norm": ci.estimate, "low": ci.low, "high": ci.high,
                          "n_seeds": len(part), "norm_over_c": ci.estimate / self.coeff,
                          "starts_below": bool(frozen[layer] < self.coeff)})
@@ -128,16 +120,10 @@ def forget_loss_measures(log: Any, hidden_size: int | None = None, *, tail: int 
     ``loss_over_start`` = loss / loss at the first logged step, which is small whenever ‖h‖ started far above c
     (shrinking h alone removes most of an initial loss ≈ ‖h‖²/d). ``final`` marks the last ``tail`` logged
     steps of each topic."""
-    if hidden_size is None and getattr(log, "control_vectors", None):
-        hidden_size = int(next(iter(log.control_vectors.values())).numel())
+    hidden_size = log_hidden_size(log, hidden_size)
     if hidden_size is None:
         raise ValueError("the hidden size d is needed: pass hidden_size=d or an UnlearnResult")
-    frame = log.to_frame() if hasattr(log, "to_frame") else pd.DataFrame(log)
-    need = {"step", "topic", "forget_loss", "coefficient"}
-    if frame.empty or not need <= set(frame.columns):
-        raise ValueError(f"the log must have rows with columns {sorted(need)} (an RMU / Adaptive RMU log)")
-    if tail < 1:
-        raise ValueError(f"tail must be ≥ 1, got {tail}")
+    frame = log_frame(log, {"step", "topic", "forget_loss", "coefficient"}, tail)
     parts = []
     for topic, part in frame.sort_values("step").groupby("topic", sort=False):
         part = part[["step", "topic", "forget_loss", "coefficient"]].copy()
@@ -167,7 +153,7 @@ def loss_summary(logs: Mapping[int, Sequence[Any]], hidden_size: int | None = No
                 vals["initial_over_target"].append(p["loss_over_target"].iloc[0])
             row: dict[str, Any] = {"layer": int(layer), "topic": t, "n_seeds": len(per_seed)}
             for k, v in vals.items():
-                ci = _t(v, level)
+                ci = finite_mean_interval(v, level)
                 row[k], row[f"{k}_low"], row[f"{k}_high"] = ci.estimate, ci.low, ci.high
             rows.append(row)
     return pd.DataFrame(rows)
@@ -393,7 +379,7 @@ class ConfidenceControl:
             ci = self.accuracy[name].interval(level)
             row: dict[str, Any] = {"model": name, "forget_acc": ci.estimate, "acc_low": ci.low, "acc_high": ci.high}
             for m in METRICS:
-                mi = _t(self.per_question(name, m), level)
+                mi = finite_mean_interval(self.per_question(name, m), level)
                 row[m], row[f"{m}_low"], row[f"{m}_high"] = mi.estimate, mi.low, mi.high
             rows.append(row)
         return pd.DataFrame(rows)

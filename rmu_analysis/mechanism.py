@@ -37,7 +37,7 @@ from ._batching import iter_batches
 from .activations import bos_token_id, capture_batches, token_mask
 from .cosines import cosine
 from .models import check_layer, check_layers, hidden_size, num_blocks, resolve_tokenizer
-from .stats import Interval, mean_interval
+from .stats import Interval, finite_mean_interval
 from .steering import check_vector, make_generator, random_direction
 from .theory import logit_jacobian
 
@@ -112,15 +112,6 @@ def bootstrap_interval(estimate: float, boot: np.ndarray, n: int, level: float =
     return Interval(float(estimate), float(lo), float(hi), n, n, method, level)
 
 
-def _t_interval(values: np.ndarray, level: float = 0.95) -> Interval:
-    values = np.asarray(values, float)
-    values = values[np.isfinite(values)]
-    if values.size < 2:
-        m = float(values.mean()) if values.size else float("nan")
-        return Interval(m, float("nan"), float("nan"), int(values.size), int(values.size), "t", level)
-    return mean_interval(values, level=level)
-
-
 def _boot_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
     """``[n_boot, n]`` resampling counts (each row: n draws with replacement)."""
     if n_boot < 1:
@@ -160,7 +151,7 @@ class Assumption1Set:
         """Mean over texts of the per-text mean of ``measure`` with a Student-t interval (texts are the units)."""
         if measure not in _MEASURES:
             raise ValueError(f"measure must be one of {_MEASURES}, got {measure!r}")
-        return _t_interval(self.per_text()[measure].to_numpy(), level)
+        return finite_mean_interval(self.per_text()[measure].to_numpy(), level)
 
 
 @dataclass(frozen=True, eq=False)
@@ -436,7 +427,7 @@ class UAlignment:
         rows = []
         for i, l in enumerate(self.layers):
             for k, v in self.prompt.items():
-                ci = _t_interval(v[i], level)
+                ci = finite_mean_interval(v[i], level)
                 rows.append({"layer": l, "measure": k, "estimate": ci.estimate, "low": ci.low, "high": ci.high,
                              "n_prompts": v.shape[1]})
         return pd.DataFrame(rows)
@@ -567,7 +558,7 @@ def depth_trend(ks: Any, per_prompt: Any, *, n_boot: int = 2000, seed: int = 0, 
     W = _boot_counts(n, n_boot, seed)
     rho = bootstrap_interval(float(_spearman_rows(ks, P.mean(0)[None])[0]), _spearman_rows(ks, W @ P / n), n, level)
     diff = P[:, 0] - P[:, -1]
-    fml = _t_interval(diff, level)
+    fml = finite_mean_interval(diff, level)
     w_p = float(sps.wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
     t_p = float(sps.ttest_1samp(diff, 0.0).pvalue) if np.std(diff) > 0 else float("nan")
     return DepthTrend(rho=rho, first_minus_last=fml, wilcoxon_p=w_p, t_p=t_p, first_k=int(ks[0]), last_k=int(ks[-1]))
@@ -594,7 +585,7 @@ class TokenNoiseSensitivity:
         """One row per k: ``layer``, ``k``, ``depth``, Φ's mean over prompts with a t interval, ``n_prompts``."""
         rows = []
         for j, k in enumerate(self.ks):
-            ci = _t_interval(self.per_prompt[:, j], level)
+            ci = finite_mean_interval(self.per_prompt[:, j], level)
             rows.append({"layer": self.layer, "k": k, "depth": k - self.layer, "phi": ci.estimate, "low": ci.low,
                          "high": ci.high, "n_prompts": self.phi.shape[1], "samples": self.phi.shape[0]})
         return pd.DataFrame(rows)

@@ -25,6 +25,7 @@ from scipy import stats as _sps
 
 __all__ = [
     "Interval", "PairedDifference", "accuracy_interval", "paired_difference", "score_interval", "mean_interval",
+    "finite_mean_interval",
     "format_interval",
     "N_BOOT",
 ]
@@ -354,6 +355,17 @@ def mean_interval(values: Any, *, level: float = 0.95) -> Interval:
     mean = float(arr.mean())
     half = float(_sps.t.ppf(0.5 + level / 2, n - 1) * arr.std(ddof=1) / np.sqrt(n))
     return Interval(mean, mean - half, mean + half, n, n, "t", level)
+
+
+def finite_mean_interval(values: Any, level: float = 0.95) -> Interval:
+    """:func:`mean_interval` of the finite entries of ``values``; with fewer than two, the mean (nan when none)
+    and a nan interval instead of an error (a measure over texts or seeds where some are undefined)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        m = float(v.mean()) if v.size else float("nan")
+        return Interval(m, float("nan"), float("nan"), int(v.size), int(v.size), "t", level)
+    return mean_interval(v, level=level)
 
 
 def format_interval(x: Interval | PairedDifference, *, digits: int = 1) -> str:

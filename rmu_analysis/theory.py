@@ -841,6 +841,24 @@ class Convergence:
 _THRESHOLDS = {"distance": 0.5, "loss_ratio": 0.1}
 
 
+def log_hidden_size(log: Any, hidden_size: int | None = None) -> int | None:
+    """``hidden_size``, else the size of an ``UnlearnResult``'s control vectors (None when neither is there)."""
+    if hidden_size is None and getattr(log, "control_vectors", None):
+        hidden_size = int(next(iter(log.control_vectors.values())).numel())
+    return hidden_size
+
+
+def log_frame(log: Any, need: set[str], tail: int) -> pd.DataFrame:
+    """An RMU / Adaptive RMU training log (an ``UnlearnResult``, its ``.log`` or ``to_frame()``) as a frame,
+    checked to have the columns ``need``; ``tail`` (steps averaged at the end) checked ≥ 1."""
+    frame = log.to_frame() if hasattr(log, "to_frame") else pd.DataFrame(log)
+    if frame.empty or not need <= set(frame.columns):
+        raise ValueError(f"the log must have rows with columns {sorted(need)} (an RMU / Adaptive RMU log)")
+    if tail < 1:
+        raise ValueError(f"tail must be ≥ 1, got {tail}")
+    return frame
+
+
 def forget_convergence(log: Any, *, hidden_size: int | None = None, tail: int = 5, criterion: str = "distance",
                        threshold: float | None = None) -> Convergence:
     """Fig. 4 from an unlearning run (an ``UnlearnResult``, its ``.log`` or ``to_frame()``; ``log_every=1``
@@ -853,16 +871,10 @@ def forget_convergence(log: Any, *, hidden_size: int | None = None, tail: int = 
     """
     if criterion not in _THRESHOLDS:
         raise ValueError(f'criterion must be "distance" or "loss_ratio", got {criterion!r}')
-    if hidden_size is None and getattr(log, "control_vectors", None):
-        hidden_size = int(next(iter(log.control_vectors.values())).numel())
+    hidden_size = log_hidden_size(log, hidden_size)
     if criterion == "distance" and hidden_size is None:
         raise ValueError('criterion="distance" needs the hidden size: pass hidden_size=d or an UnlearnResult')
-    frame = log.to_frame() if hasattr(log, "to_frame") else pd.DataFrame(log)
-    need = {"step", "topic", "forget_loss", "forget_norm", "coefficient"}
-    if frame.empty or not need <= set(frame.columns):
-        raise ValueError(f"the log must have rows with columns {sorted(need)} (an RMU / Adaptive RMU log)")
-    if tail < 1:
-        raise ValueError(f"tail must be ≥ 1, got {tail}")
+    frame = log_frame(log, {"step", "topic", "forget_loss", "forget_norm", "coefficient"}, tail)
     rows = []
     for topic, part in frame.sort_values("step").groupby("topic", sort=False):
         rows.append((str(topic), part["forget_norm"].iloc[0], part["forget_norm"].iloc[-tail:].mean(),
