@@ -48,13 +48,15 @@ def question_prompts(data: "ExperimentData", name: str, *, scoring: str, limit: 
     return [mcq_prompt(r, s, scoring=scoring) for r, s in zip(records, data.record_subjects(name, records))]
 
 
-def evaluate_sets(model: nn.Module, tokenizer: Any, data: "ExperimentData", settings: EvalSettings
-                  ) -> dict[str, MCQResult]:
+def evaluate_sets(model: nn.Module, tokenizer: Any, data: "ExperimentData", settings: EvalSettings,
+                  sets: Mapping[str, Sequence[dict]] | None = None) -> dict[str, MCQResult]:
     """Score every question set of ``data`` that ``settings`` selects (test or dev split, ``per_fact``,
-    ``questions``): set name -> :class:`~rmu_analysis.evaluation.MCQResult` (intervals, paired comparisons)."""
+    ``questions``; ``sets``: that selection when the caller already made it): set name ->
+    :class:`~rmu_analysis.evaluation.MCQResult` (intervals, paired comparisons)."""
+    sets = data.questions(settings) if sets is None else sets
     return {name: evaluate_mcq(model, tokenizer, records, data.record_subjects(name, records),
                                scoring=settings.scoring, batch_size=settings.batch_size)
-            for name, records in data.questions(settings).items()}
+            for name, records in sets.items()}
 
 
 def accuracies(model: nn.Module, tokenizer: Any, data: "ExperimentData", *, scoring: str, batch_size: int,
@@ -92,8 +94,8 @@ def in_corpus_accuracy(records: Sequence[dict], result: MCQResult) -> dict[str, 
 def measure_outputs(model: nn.Module, tokenizer: Any, data: "ExperimentData", settings: EvalSettings,
                     retain_eval: Sequence[str]) -> dict[str, Any]:
     """Output-side numbers of a model: accuracy per question set, retain LM loss, MaxLogit on forget questions."""
-    results = evaluate_sets(model, tokenizer, data, settings)
     sets = data.questions(settings)
+    results = evaluate_sets(model, tokenizer, data, settings, sets)
     accuracy = {name: float(res.accuracy) for name, res in results.items()}
     in_corpus = {name: split for name, res in results.items()
                  if (split := in_corpus_accuracy(sets[name], res)) is not None}
