@@ -297,24 +297,30 @@ class MatchedComparison:
     high: float
     p_value: float
     n_boot: int
+    layer_b: int | None = None  # b's layer when it differs from a's
 
     def significant(self) -> bool:
         return bool(np.isfinite(self.low) and not (self.low <= 0 <= self.high))
 
 
-def compare_matched(matched: MatchedForget, a: str, b: str, layer: int, *, level: float = 0.95) -> MatchedComparison:
+def compare_matched(matched: MatchedForget, a: str, b: str, layer: int, *, level: float = 0.95,
+                    layer_b: int | None = None) -> MatchedComparison:
     """Paired comparison of methods ``a`` and ``b`` at one layer on :func:`matched_forget`'s shared bootstrap draws
-    (e.g. Adaptive RMU − RMU < 0: Adaptive RMU forgets more at the same utility)."""
-    ea, eb = matched.get(a, layer), matched.get(b, layer)
-    ra, rb = matched.boot[(a, layer)], matched.boot[(b, layer)]
+    (e.g. Adaptive RMU − RMU < 0: Adaptive RMU forgets more at the same utility). ``layer_b``: ``b`` at another
+    layer (e.g. RMU at a late layer − RMU at an early one; ``layer`` is then ``a``'s)."""
+    layer_b = layer if layer_b is None else layer_b
+    ea, eb = matched.get(a, layer), matched.get(b, layer_b)
+    ra, rb = matched.boot[(a, layer)], matched.boot[(b, layer_b)]
     d = ra - rb
     d = d[np.isfinite(d)]
     diff = ea.estimate - eb.estimate
     if d.size == 0 or not np.isfinite(diff):
-        return MatchedComparison(a, b, layer, matched.target, float(diff), np.nan, np.nan, np.nan, 0)
+        return MatchedComparison(a, b, int(layer), matched.target, float(diff), np.nan, np.nan, np.nan, 0,
+                                 None if layer_b == layer else int(layer_b))
     lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
     p = min(1.0, 2 * min((np.count_nonzero(d <= 0) + 1) / (d.size + 1), (np.count_nonzero(d >= 0) + 1) / (d.size + 1)))
-    return MatchedComparison(a, b, int(layer), matched.target, float(diff), float(lo), float(hi), float(p), int(d.size))
+    return MatchedComparison(a, b, int(layer), matched.target, float(diff), float(lo), float(hi), float(p), int(d.size),
+                             None if layer_b == layer else int(layer_b))
 
 
 # --------------------------------------------------------------------------------- C1 with a control

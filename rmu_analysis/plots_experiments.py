@@ -5,7 +5,8 @@ which of them a reproduction draws is ``experiments.figures``.
 - :func:`plot_layer_sweep` — forget and general accuracy per unlearn layer, RMU (fixed c) vs Adaptive RMU (Fig. 5)
 - :func:`plot_collapse` — forget accuracy against c / ‖h_l‖ and against raw c, every run, coloured by layer
 - :func:`plot_coefficient_sweep` — accuracy, cos(u, h) and MaxLogit against c at one layer (Fig. 2, Fig. 3)
-- :func:`plot_norm_trajectories` — the forget norm at block l during training, early vs late layer (Fig. 4)
+- :func:`plot_norm_trajectories` — the forget norm and ‖h − c·u‖² / ‖c·u‖² during training, one fixed c, per layer (Fig. 4)
+- :func:`plot_tradeoff` — forget vs general accuracy per layer, RMU over c and Adaptive RMU over β (matched utility)
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 from .experiments.results import finished_runs, result_topics
 from .experiments.targets import TARGETS, Targets
 
-__all__ = ["plot_layer_sweep", "plot_collapse", "plot_coefficient_sweep", "plot_norm_trajectories"]
+__all__ = ["plot_layer_sweep", "plot_collapse", "plot_coefficient_sweep", "plot_norm_trajectories", "plot_tradeoff"]
 
 _LABELS = {"rmu": "RMU (fixed c)", "adaptive-rmu": "Adaptive RMU"}
 _COLORS = {"rmu": "tab:red", "adaptive-rmu": "tab:blue"}
@@ -144,28 +145,83 @@ def plot_coefficient_sweep(frame: pd.DataFrame, layer: int, *, title: str | None
 
 
 def plot_norm_trajectories(frame: pd.DataFrame, layers: Sequence[int], *, method: str = "rmu", seed: int | None = None,
-                           title: str | None = None):
-    """‖h^(l)(x_F)‖ of the updated model on each training batch (the engine's log) for runs at ``layers``, with
-    the coefficient as a dashed line (Fig. 4: at early layers the norm starts below c and reaches it; at late
-    layers it starts above c). ``frame`` needs ``load_results(..., logs=True)``."""
+                           title: str | None = None, targets: Targets = TARGETS):
+    """Fig. 4 from the engine's logs (BOS and padding left out) of the runs at ``layers``: top, the forget norm
+    ‖h^(l)(x_F)‖ of the updated model per logged step with c dashed; bottom, ‖h − c·u‖² / ‖c·u‖² (forget loss · d /
+    c²: 1 = as far from c·u as the origin, 0 = at c·u) with the convergence bar ``targets.max_converged_loss``.
+    Lines are the mean over seeds, bands their range (``seed``: that seed only). ``frame`` needs
+    ``load_results(..., logs=True)``."""
     frame = _runs(frame)
     if "log" not in frame:
         raise ValueError("the frame has no training logs: load it with load_results(..., logs=True)")
-    fig, axes = _subplots(len(layers), width=3.8)
-    for ax, layer in zip(axes, layers):
+    fig, grid = plt.subplots(2, len(layers), figsize=(3.8 * len(layers), 5.6), layout="constrained", squeeze=False,
+                             sharex=True)
+    for j, layer in enumerate(layers):
         sub = frame[(frame["method"] == method) & (frame["layer"] == layer)]
         if seed is not None:
             sub = sub[sub["seed"] == seed]
         if sub.empty:
             raise ValueError(f"no {method} runs at layer {layer} in the frame")
-        run = sub.sort_values("seed").iloc[0]
-        log = pd.DataFrame(run["log"])
-        for topic, part in log.groupby("topic"):
-            line, = ax.plot(part["step"], part["forget_norm"], marker=".", label=f"{topic} ‖h‖")
-            ax.plot(part["step"], part["coefficient"], linestyle="--", color=line.get_color(), label=f"{topic} c")
-        ax.set_xlabel("step")
-        ax.set_ylabel("forget norm at block l")
-        ax.set_title(f"{_LABELS.get(method, method)}, l = {layer}")
+        logs = []
+        for _, run in sub.iterrows():
+            log = pd.DataFrame(run["log"])
+            log["over_target"] = log["forget_loss"] * float(run["hidden_size"]) / log["coefficient"] ** 2
+            logs.append(log.assign(seed=run["seed"]))
+        logs = pd.concat(logs, ignore_index=True)
+        top, bottom = grid[0][j], grid[1][j]
+        for topic, part in logs.groupby("topic"):
+            for ax, col in ((top, "forget_norm"), (bottom, "over_target")):
+                g = part.groupby("step")[col]
+                line, = ax.plot(g.mean().index, g.mean(), marker=".", label=topic)
+                ax.fill_between(g.mean().index, g.min(), g.max(), color=line.get_color(), alpha=0.2, linewidth=0)
+        top.axhline(float(logs["coefficient"].iloc[0]), color="black", linestyle="--", linewidth=1, label="c")
+        bottom.axhline(targets.max_converged_loss, color="gray", linestyle=":", linewidth=1, label="converged below")
+        bottom.set_yscale("log")
+        top.set_title(f"{_LABELS.get(method, method)}, l = {layer} ({sub['seed'].nunique()} seed(s))")
+        top.set_ylabel("forget norm ‖h^(l)‖")
+        bottom.set_ylabel("‖h − c·u‖² / ‖c·u‖²")
+        bottom.set_xlabel("step")
+        top.legend(fontsize=7)
+        bottom.legend(fontsize=7)
+    fig.suptitle(title or "forget representations during unlearning with one fixed c (Fig. 4 analogue)")
+    return fig
+
+
+def plot_tradeoff(points: pd.DataFrame, matched: pd.DataFrame | None = None, *, target: float | None = None,
+                  forget: str = "forget_acc", title: str | None = None):
+    """Trade-off curves per unlearn layer: forget accuracy (``forget`` column) against general accuracy, RMU over c
+    and Adaptive RMU over β; faint points are single runs, lines join each setting's mean over seeds. ``target``:
+    the matched general accuracy (dotted line); ``matched``: :func:`~rmu_analysis.claims.matched_forget`'s table
+    (``method, layer, forget_at_target, low, high``), drawn as each method's interpolated value with its 95%
+    interval. ``points``: :func:`~rmu_analysis.experiments.tradeoff.tradeoff_points`."""
+    if points is None or len(points) == 0:
+        raise ValueError("nothing to plot: no trade-off points")
+    layers = sorted(points["layer"].unique())
+    if matched is not None:  # None (JSON's NaN) -> NaN
+        matched = matched.assign(**{c: pd.to_numeric(matched[c], errors="coerce") for c in ("forget_at_target", "low", "high")})
+    fig, axes = _subplots(len(layers), width=3.8, height=3.6)
+    for ax, layer in zip(axes, layers):
+        for k, (method, sub) in enumerate(points[points["layer"] == layer].groupby("method")):
+            color = _COLORS.get(method)
+            ax.scatter(sub["general_acc"], sub[forget], s=10, alpha=0.35, color=color)
+            mean = sub.groupby("setting")[["general_acc", forget]].mean().sort_values("general_acc")
+            ax.plot(mean["general_acc"], mean[forget], marker="o", color=color, label=_LABELS.get(method, method))
+            if matched is not None and target is not None:
+                row = matched[(matched["method"] == method) & (matched["layer"] == layer)]
+                if len(row) and np.isfinite(row[["forget_at_target", "low", "high"]].iloc[0].to_numpy(float)).all():
+                    r, dx = row.iloc[0], (k - 0.5) * 0.004  # side by side, not on top of each other
+                    ax.errorbar([target + dx], [r["forget_at_target"]], yerr=[[r["forget_at_target"] - r["low"]],
+                                [r["high"] - r["forget_at_target"]]], fmt="D", color=color, capsize=4, markersize=6,
+                                markeredgecolor="black")
+        if target is not None:
+            ax.axvline(target, color="gray", linestyle=":", linewidth=1, label="matched general accuracy")
+        base = float(points["base_general_acc"].iloc[0]) if "base_general_acc" in points else None
+        if base is not None:
+            ax.axvline(base, color="black", linewidth=1, label="base general")
+        ax.axhline(0.25, color="gray", linestyle="--", linewidth=1, alpha=0.6, label="chance")
+        ax.set_xlabel("general accuracy")
+        ax.set_ylabel("forget accuracy" if forget == "forget_acc" else forget.replace("acc_", "") + " accuracy")
+        ax.set_title(f"unlearn layer l = {int(layer)}")
         ax.legend(fontsize=7)
-    fig.suptitle(title or "forget representation norm during unlearning (Fig. 4 analogue)")
+    fig.suptitle(title or "forget vs general accuracy: RMU over c, Adaptive RMU over β (diamonds: matched utility)")
     return fig

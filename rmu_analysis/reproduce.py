@@ -3,8 +3,9 @@
 In order: the theory checks (noise sensitivity, Fig. 1; Proposition 1; Eq. 19; the input-gradient argument),
 the coefficient sweep (Fig. 2 / Fig. 3 and the c / ‖h_l‖ collapse), the layer sweep (Fig. 5, × 3 seeds) and
 Table 1 (× 3 seeds); when asked for (:data:`OPTIONAL`), before them the robustness lab (knowledge-recovery attacks
-on every method × 3 seeds, ``experiments.robustness``; ``--only robustness`` runs it alone and writes only its
-files). Every run is one JSON file in ``<out>/results/`` (resumable: an interrupted reproduce
+on every method × 3 seeds, ``experiments.robustness``) and the trade-off curves (the layer-wise claims at matched
+utility, ``experiments.tradeoff``); ``--only robustness`` / ``--only tradeoff`` runs one alone and writes only its
+files. Every run is one JSON file in ``<out>/results/`` (resumable: an interrupted reproduce
 continues where it stopped; ``fresh=True`` recomputes). Writes the figures (PNG), ``table1.md``,
 ``summary.md`` (which claims held, with the numbers) and ``summary.json`` to ``<out>`` (default ``figures/``,
 ``figures/quick/`` for the reduced ``--quick`` plan). :func:`reproduce` only orchestrates: the numbers come from
@@ -38,6 +39,7 @@ from .experiments.robustness_report import robustness_report
 from .experiments.runner import run_sweep
 from .experiments.targets import TARGETS, Targets
 from .experiments.theory_checks import theory_checks
+from .experiments.tradeoff import tradeoff_plan, tradeoff_report
 from .experiments.workbench import LazyWorkbench, Workbench
 from .recipes import organism_plan
 
@@ -46,8 +48,9 @@ __all__ = ["reproduce", "add_reproduce_parser", "EXPERIMENTS", "OPTIONAL"]
 #: The parts of a reproduction, in the order they run.
 EXPERIMENTS = ("theory", "coefficient", "layer", "table1")
 #: Parts run only when named (``--only robustness``, or with the others: ``--only theory coefficient layer table1
-#: robustness``): the robustness lab adds about 10 minutes on 2 cores, so a plain reproduce leaves it out.
-OPTIONAL = ("robustness",)
+#: robustness tradeoff``): the robustness lab adds about 10 minutes on 2 cores, the trade-off curves about 5 (51
+#: runs beyond the coefficient and layer sweeps'), so a plain reproduce leaves them out.
+OPTIONAL = ("robustness", "tradeoff")
 _SWEEPS = (("coefficient", "coefficient sweep"), ("layer", "layer sweep"),
            ("table1_select", "Table 1, selection on dev"), ("table1", "Table 1"))
 
@@ -85,8 +88,16 @@ def reproduce(out_dir: str | Path | None = None, *, quick: bool = False, plan: E
                                    workers=workers, threads=threads or 1, fresh=fresh, progress=progress,
                                    targets=targets)
         seconds["robustness"] = time.perf_counter() - t
-        if set(experiments) == {"robustness"}:
-            return robust
+    tradeoff: dict[str, Any] = {}
+    if "tradeoff" in experiments:  # the matched-utility curves (tradeoff.md / .json / .png)
+        t = time.perf_counter()
+        tplan = tradeoff_plan(plan)
+        tnorms = plan_norms(dataclasses.replace(plan, coeff_layers=tplan.layers), lazy, results)
+        tradeoff = tradeoff_report(out, results, tplan, tnorms, lazy if workers == 1 else bench, workers=workers,
+                                   threads=threads or 1, fresh=fresh, progress=progress, targets=targets)
+        seconds["tradeoff"] = time.perf_counter() - t
+    if set(experiments) <= set(OPTIONAL):  # only optional parts: nothing else is written
+        return {"robustness": robust, "tradeoff": tradeoff, "seconds": seconds}
 
     theory: dict[str, Any] = {}
     if "theory" in experiments:
@@ -113,7 +124,7 @@ def reproduce(out_dir: str | Path | None = None, *, quick: bool = False, plan: E
         done_now.update(s.key() for s in todo)
         trained[name], reused[name] = outcome.ran, outcome.skipped + len(grids[name]) - len(todo)
         seconds[name] = time.perf_counter() - t
-        frames[name] = load_results(results, grids[name], logs=(name == "coefficient"))
+        frames[name] = load_results(results, grids[name], logs=name in ("coefficient", "layer"))
 
     clusters = {}
     if any(any(c.startswith("correct_") for c in f.columns) for f in frames.values() if len(f)):
@@ -121,7 +132,7 @@ def reproduce(out_dir: str | Path | None = None, *, quick: bool = False, plan: E
         clusters = {"table1": question_clusters(data, plan.eval),
                     "layer": question_clusters(data, dataclasses.replace(plan.eval, per_fact=plan.sweep_per_fact))}
     summary = summarize(frames, plan, theory, targets, clusters)
-    figures = sweep_figures(frames, plan, summary, out)
+    figures = sweep_figures(frames, plan, summary, out, targets)
     if len(frames["table1"]):
         atomic_write_text(out / "table1.md", table1_text(
             frames["table1"], plan, targets, frames.get("table1_select"),
@@ -131,9 +142,11 @@ def reproduce(out_dir: str | Path | None = None, *, quick: bool = False, plan: E
     summary["seconds"] = seconds
     summary["runs_trained"], summary["runs_reused"] = trained, reused
     summary["cpu_seconds"] = _cpu_seconds() - cpu_start  # this process and its finished worker processes
-    summary["figures"] = figures + (robust.get("figures") or [])
+    summary["figures"] = figures + (robust.get("figures") or []) + (tradeoff.get("figures") or [])
     if robust:
         summary["robustness"] = robust["claim"]  # the §3.3 verdict; the table is in robustness.md / .json
+    if tradeoff:
+        summary["tradeoff"] = {k: tradeoff[k] for k in ("fraction", "target", "adaptive_beats_rmu", "depth_costs")}
     summary["plan"] = json.loads(json.dumps(dataclasses.asdict(plan), default=str))
     md = summary_markdown(summary, plan, seconds, quick, targets=targets)
     if len(frames["table1"]):
@@ -182,7 +195,7 @@ def add_reproduce_parser(subparsers):
     p.add_argument("--results", type=Path, default=None, help="results directory (default <out>/results)")
     p.add_argument("--fresh", action="store_true", help="recompute runs whose results already exist")
     p.add_argument("--only", nargs="+", choices=EXPERIMENTS + OPTIONAL, default=None,
-                   help="run only these parts (default: all but the optional robustness lab)")
+                   help="run only these parts (default: all but the optional robustness lab and trade-off curves)")
     add_model_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=reproduce_command)
@@ -196,9 +209,10 @@ def reproduce_command(args) -> int:
                         fresh=args.fresh, progress=not args.no_progress, threads=threads, workers=workers,
                         experiments=tuple(args.only) if args.only else EXPERIMENTS)
     out = Path(args.out) if args.out is not None else default_out(args.quick)
-    alone = args.only is not None and set(args.only) == {"robustness"}  # then only robustness.* were written
-    print((out / ("robustness.md" if alone else "summary.md")).read_text())
-    total = summary["seconds"] if alone else summary["seconds"]["total"]
+    alone = args.only is not None and set(args.only) <= set(OPTIONAL)  # then only their files were written
+    for name in (sorted(args.only) if alone else ["summary"]):
+        print((out / f"{name}.md").read_text())
+    total = sum(summary["seconds"].values()) if alone else summary["seconds"]["total"]
     print(f"figures and tables in {out}/ ({total / 60:.1f} min)")
     return 0
 

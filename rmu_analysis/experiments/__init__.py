@@ -13,7 +13,9 @@ concern per module:
 - :mod:`.analysis` — the numbers the claims are checked on (layer targets, collapse, Table 1, ...);
 - :mod:`.report` — ``table1.md`` and ``summary.md``;
 - :mod:`.theory_checks`, :mod:`.figures`, :mod:`.cli` — the reproduction's theory checks, figures and the
-  ``rmu-analysis sweep`` command (imported on their own: they pull in plotting and the recipes).
+  ``rmu-analysis sweep`` command; :mod:`.robustness` / :mod:`.robustness_report` (attacks) and :mod:`.tradeoff`
+  (trade-off curves, the layer-wise claims at matched utility) — imported on their own: they pull in plotting
+  and the recipes.
 
 What a run measures (all on held-out data: the last ``EvalSettings.eval_texts`` texts of every corpus never train):
 per-set multiple-choice accuracy (forget topics and ``general``), retain LM loss, MaxLogit token confidence on
@@ -27,7 +29,7 @@ from .analysis import (
     METHOD_NAMES, coefficient_sweep, collapse_points, collapse_summary, convergence_check, early_late,
     early_late_split, isotonic_decreasing, layer_table, layer_targets, point_label, spearman, summarize,
     table1_choice, table1_frame, table1_select, question_clusters, pooled_interval, paired_runs, table1_intervals,
-    method_comparison, deep_layer, interval_claims,
+    method_comparison, deep_layer, interval_claims, fixed_c_convergence,
 )
 from .measure import (
     accuracies, accuracy_table, alignment_table, confidence_table, each_installed, forget_norms, lm_loss,
@@ -59,7 +61,8 @@ __all__ = [
     "valid_layers", "layer_sweep_grid", "coefficient_grid", "table1_grid", "grid_points", "ExperimentPlan",
     "plan_grids", "plan_norms", "saved_norms", "Targets", "TARGETS", "WMDP_TARGETS",
     "spearman", "isotonic_decreasing", "layer_table", "layer_targets", "early_late", "early_late_split",
-    "collapse_points", "collapse_summary", "coefficient_sweep", "convergence_check", "point_label", "METHOD_NAMES",
+    "collapse_points", "collapse_summary", "coefficient_sweep", "convergence_check", "fixed_c_convergence",
+    "point_label", "METHOD_NAMES",
     "table1_select", "table1_choice", "table1_frame", "summarize", "question_clusters", "pooled_interval",
     "paired_runs", "table1_intervals", "method_comparison", "deep_layer", "interval_claims", "table1_markdown", "table1_text", "frame_markdown",
     "summary_markdown",

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from ..claims import loss_summary
 from ..stats import Interval, PairedDifference, accuracy_interval, paired_difference
 from ..theory import forget_convergence
 from .measure import bits_array
@@ -21,7 +22,8 @@ from .targets import TARGETS, WMDP_TARGETS, Targets
 
 __all__ = [
     "spearman", "isotonic_decreasing", "layer_table", "layer_targets", "early_late", "early_late_split",
-    "collapse_points", "collapse_summary", "coefficient_sweep", "convergence_check", "point_label", "METHOD_NAMES",
+    "collapse_points", "collapse_summary", "coefficient_sweep", "convergence_check", "fixed_c_convergence",
+    "point_label", "METHOD_NAMES",
     "table1_select", "table1_choice", "table1_frame", "summarize", "question_clusters", "pooled_interval",
     "paired_runs", "table1_intervals", "method_comparison", "deep_layer", "interval_claims",
 ]
@@ -228,6 +230,40 @@ def convergence_check(frame: pd.DataFrame) -> dict[str, Any]:
             "median_loss_ratio_above": share(above, "loss_ratio", "median"),
             "moved_toward_c": float(table["moved_toward_c"].mean()),
             "table": table.round(4).to_dict(orient="records")}
+
+
+def fixed_c_convergence(frame: pd.DataFrame, layers: Sequence[int], targets: Targets = TARGETS,
+                        level: float = 0.95) -> dict[str, Any]:
+    """Fig. 4 (C3) with one fixed c at several layers (e.g. an early, a middle and a late one) × seeds, from the
+    layer sweep's RMU runs (``load_results(..., logs=True)``). Per (layer, topic), over seeds with t intervals
+    (:func:`~rmu_analysis.claims.loss_summary`): the final ‖h − c·u‖² / ‖c·u‖² (the engine's BOS- and
+    padding-free forget states) and whether the frozen forget norm starts below c.
+
+    The claim's prediction, per (layer, topic): starts below c ⇒ converges (the interval's upper end ≤
+    ``targets.max_converged_loss``); starts above ⇒ does not (its lower end above it). ``held``: the prediction
+    is met at every (layer, topic); an interval across the threshold counts as not met."""
+    rmu = finished_runs(frame)
+    rmu = rmu[(rmu["method"] == "rmu") & rmu["layer"].isin(list(layers))]
+    if rmu.empty or "log" not in rmu or rmu["log"].isna().any():
+        return {"skipped": "no fixed-c RMU runs with training logs at these layers (load_results(..., logs=True))"}
+    coeffs = sorted(rmu["coeff"].unique())
+    if len(coeffs) != 1:
+        raise ValueError(f"Fig. 4 needs one fixed c across layers; the runs have c = {coeffs}")
+    missing = [l for l in layers if l not in set(rmu["layer"])]
+    if missing:
+        return {"skipped": f"no fixed-c RMU run at layer(s) {missing}"}
+    logs = {int(l): [r["log"] for _, r in part.sort_values("seed").iterrows()] for l, part in rmu.groupby("layer")}
+    table = loss_summary(logs, int(rmu["hidden_size"].iloc[0]), level=level)
+    thr, c = float(targets.max_converged_loss), float(coeffs[0])
+    frozen = [float(rmu[(rmu["layer"] == r["layer"])][f"norm_frozen_{r['topic']}"].mean())
+              for _, r in table.iterrows()]
+    table["frozen_norm"] = frozen
+    table["starts_below"] = table["frozen_norm"] < c
+    table["converged"] = table["final_over_target_high"] <= thr
+    table["not_converged"] = table["final_over_target_low"] > thr
+    table["as_predicted"] = np.where(table["starts_below"], table["converged"], table["not_converged"])
+    return {"c": c, "layers": [int(l) for l in layers], "threshold": thr, "n_seeds": int(table["n_seeds"].min()),
+            "held": bool(table["as_predicted"].all()), "table": table.round(4).to_dict(orient="records")}
 
 
 # ------------------------------------------------------------------------------------------------ Table 1
@@ -465,6 +501,8 @@ def summarize(frames: Mapping[str, pd.DataFrame], plan: ExperimentPlan, theory: 
         points = collapse_points(steering.drop_duplicates("key"))
         if len(points):
             out["collapse"] = collapse_summary(points)
+    if len(layer) and "log" in layer and plan.coeff_layers:
+        out["fixed_c_convergence"] = fixed_c_convergence(layer, plan.coeff_layers, targets)
     coeff = frames["coefficient"]
     if len(coeff) and "log" in coeff:
         out["convergence"] = convergence_check(coeff)

@@ -19,6 +19,7 @@ from .robustness import (
     RobustnessPlan, format_claim, gcg_claim, load_attack_results, robustness_grid, robustness_table,
 )
 from .runner import is_finished, run_sweep, shard_specs
+from .tradeoff import tradeoff_analysis, tradeoff_grid, tradeoff_markdown, tradeoff_plan
 from .workbench import ExperimentData, LazyWorkbench, Workbench, data_from_files
 
 __all__ = ["add_sweep_parser", "add_model_arguments", "plan_from_args", "resources", "model_workbench"]
@@ -35,9 +36,12 @@ def add_sweep_parser(subparsers) -> Any:
                     "$SLURM_ARRAY_TASK_ID/8 --results runs/ ...; afterwards `rmu-analysis sweep --merge --results "
                     "runs/` prints the merged summary.",
     )
-    p.add_argument("--experiment", choices=("layer", "coefficient", "table1", "all", "robustness"), default="all",
+    p.add_argument("--experiment", choices=("layer", "coefficient", "table1", "all", "robustness", "tradeoff"),
+                   default="all",
                    help="robustness: every method × seed × knowledge-recovery attack (rmu_analysis.experiments."
-                        "robustness), not part of 'all'")
+                        "robustness); tradeoff: RMU over c and Adaptive RMU over β per layer × seeds, the layer-wise "
+                        "claims at matched general accuracy (rmu_analysis.experiments.tradeoff); neither is part of "
+                        "'all'")
     p.add_argument("--results", type=Path, required=True, help="results directory (one <key>.json per run)")
     p.add_argument("--shard", default=None, help="i/n: run only shard i of n (0-based), e.g. 3/8")
     p.add_argument("--quick", action="store_true", help="the reduced organism plan (as `reproduce --quick`)")
@@ -160,6 +164,33 @@ def robustness_plan(plan: ExperimentPlan, seeds: Sequence[int] | None = None) ->
     return model_robustness_plan(plan, seeds=tuple(seeds) if seeds else None)
 
 
+def tradeoff_command(args, plan: ExperimentPlan, factory: Callable[[], Workbench]) -> int:
+    """``sweep --experiment tradeoff``: (a shard of) the trade-off runs, one JSON per run; then, over what is in
+    ``--results``, the matched-utility verdicts (tradeoff.md beside the results directory is written by
+    ``reproduce --only tradeoff``)."""
+    tplan = tradeoff_plan(plan, seeds=tuple(args.seeds) if args.seeds else None)
+    bench = LazyWorkbench(factory)
+    norms = plan_norms(dataclasses.replace(plan, coeff_layers=tplan.layers), bench, args.results)
+    specs = tradeoff_grid(tplan, norms)
+    if args.list:
+        for s in shard_specs(specs, args.shard):
+            done = is_finished(args.results / f"{s.key()}.json", s.key())
+            print(f"{s.key()}  {'done' if done else 'todo'}  {s.label()}")
+        return 0
+    if not args.merge:
+        workers, threads = resources(args)
+        torch.set_num_threads(threads)
+        outcome = run_sweep(specs, args.results, bench if workers == 1 else factory, shard=args.shard,
+                            progress=not args.no_progress, workers=workers, threads=threads, desc="trade-off")
+        print(f"shard {args.shard or '0/1'}: ran {outcome.ran}, skipped {outcome.skipped} finished run(s); "
+              f"results in {args.results}")
+    frame = load_results(args.results, specs)
+    print(f"{len(frame)} of {len(specs)} trade-off runs have results in {args.results}")
+    if len(frame) == len(specs):
+        print(tradeoff_markdown(tradeoff_analysis(frame), tplan))
+    return 0
+
+
 def robustness_command(args, plan: ExperimentPlan, factory: Callable[[], Workbench]) -> int:
     """``sweep --experiment robustness``: (a shard of) the attack runs, one JSON per run, then the table."""
     rplan = robustness_plan(plan, args.seeds)
@@ -192,6 +223,8 @@ def sweep_command(args) -> int:
     plan, factory = plan_from_args(args)
     if args.experiment == "robustness":
         return robustness_command(args, plan, factory)
+    if args.experiment == "tradeoff":
+        return tradeoff_command(args, plan, factory)
     bench = LazyWorkbench(factory)
     norms = plan_norms(plan, bench, args.results) if plan.coeff_layers and args.experiment in ("coefficient", "all") \
         else None

@@ -1,18 +1,18 @@
 """Which figures a reproduction draws from its results, and writing them (``rmu_analysis.plots_experiments`` draws
-them): the coefficient sweep at the Table 1 layer (Fig. 2 / Fig. 3), the forget norm during training at the
-shallowest and deepest swept layer (Fig. 4), the layer sweep (Fig. 5) and the c / ‖h_l‖ collapse."""
+them): the coefficient sweep at the Table 1 layer (Fig. 2 / Fig. 3), the forget norm during training with the
+layer sweep's fixed c at the coefficient-sweep layers, every seed (Fig. 4), the layer sweep (Fig. 5) and the c / ‖h_l‖ collapse."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Mapping
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 from .. import plots_experiments as P
 from .analysis import collapse_points
 from .plans import ExperimentPlan
+from .targets import TARGETS, Targets
 
 __all__ = ["save_png", "sweep_figures"]
 
@@ -27,22 +27,8 @@ def save_png(fig, path: Path) -> str:
     return path.name
 
 
-def _norm_trajectory_runs(coeff: pd.DataFrame, plan: ExperimentPlan) -> tuple[pd.DataFrame, list[int]] | None:
-    """Fig. 4's runs: at the shallowest and the deepest layer of the fixed-c RMU runs, the one whose c is nearest
-    the layer sweep's fixed c (None with fewer than two layers)."""
-    rmu = coeff[coeff["method"] == "rmu"]
-    layers = sorted(rmu["layer"].unique())
-    if len(layers) < 2:
-        return None
-    picks = []
-    for l in (layers[0], layers[-1]):
-        sub = rmu[rmu["layer"] == l]
-        picks.append(sub.loc[(np.log(sub["coeff"]) - np.log(plan.c)).abs().idxmin()])
-    return pd.DataFrame(picks), [int(layers[0]), int(layers[-1])]
-
-
 def sweep_figures(frames: Mapping[str, pd.DataFrame], plan: ExperimentPlan, summary: Mapping[str, Any],
-                  out: Path) -> list[str]:
+                  out: Path, targets: Targets = TARGETS) -> list[str]:
     """Draw and write the figures the results in ``frames`` support; return their file names."""
     names = []
     coeff = frames["coefficient"]
@@ -52,11 +38,12 @@ def sweep_figures(frames: Mapping[str, pd.DataFrame], plan: ExperimentPlan, summ
                 continue
             names.append(save_png(P.plot_coefficient_sweep(coeff, int(layer)),
                                   out / f"fig3_coefficient_sweep_l{int(layer)}.png"))
-        picked = _norm_trajectory_runs(coeff, plan)
-        if picked is not None:
-            names.append(save_png(P.plot_norm_trajectories(*picked), out / "fig4_norm_trajectories.png"))
-    if len(frames["layer"]):
-        names.append(save_png(P.plot_layer_sweep(frames["layer"]), out / "fig5_layer_sweep.png"))
+    layer = frames["layer"]
+    if len(layer):
+        names.append(save_png(P.plot_layer_sweep(layer), out / "fig5_layer_sweep.png"))
+        fig4 = [l for l in plan.coeff_layers if l in set(layer["layer"])]
+        if "log" in layer and len(fig4) >= 2:  # one fixed c at an early ... late layer, every seed
+            names.append(save_png(P.plot_norm_trajectories(layer, fig4, targets=targets), out / "fig4_norm_trajectories.png"))
     if "collapse" in summary:
         steering = pd.concat([f for f in frames.values() if len(f)], ignore_index=True).drop_duplicates("key")
         names.append(save_png(P.plot_collapse(collapse_points(steering), summary["collapse"]),

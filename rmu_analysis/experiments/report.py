@@ -33,6 +33,10 @@ EXPLANATIONS: dict[str, str] = {
     "input_gradients": (
         "trained unlearned models have larger, not near-zero, input gradients; only the idealised model (block "
         "output replaced by c·u at every token) has zero gradient, as Eq. 20–22 assume (notebook 08)."),
+    "fixed_c_convergence": (
+        "in 200 steps (lr 1e-2, α = 100) the forget states move only part of the way to c·u even at the blocks "
+        "where their norm starts below c, and the same runs forget (notebook 06): on the organism forgetting does "
+        "not need the forget loss to converge; the starting side of c does not decide convergence (notebook 04)."),
 }
 
 
@@ -186,6 +190,25 @@ def _convergence(s: Mapping[str, Any], t: Targets) -> Iterator[Line]:
                     f"{fmt(cv['moved_toward_c'], True)} of pairs", target="reported, no target")
 
 
+def _fixed_c(s: Mapping[str, Any], t: Targets) -> Iterator[Line]:
+    fc = s.get("fixed_c_convergence", {})
+    if "held" not in fc:
+        if fc:
+            yield f"- C3 / Fig. 4 with one fixed c: {fc.get('skipped')}"
+        return
+    parts = []
+    for r in fc["table"]:
+        side = "below" if r["starts_below"] else "above"
+        parts.append(f"block {r['layer']} {r['topic']}: norm {r['frozen_norm']:.1f} ({side} c), final "
+                     f"{r['final_over_target']:.2f} [{r['final_over_target_low']:.2f}, {r['final_over_target_high']:.2f}]"
+                     f"{'' if r['as_predicted'] else ' ✗'}")
+    yield Claim(f"C3 / Fig. 4 with one fixed c = {fc['c']:g} at blocks {', '.join(map(str, fc['layers']))} "
+                f"({fc['n_seeds']} seeds, the layer sweep's runs; ‖h − c·u‖² / ‖c·u‖² over the last 3 logged steps, "
+                f"BOS and padding left out): {'; '.join(parts)}", fc["held"],
+                f"target: starts below c ⇒ converged (interval ≤ {fc['threshold']:g}), starts above ⇒ not "
+                f"(interval > {fc['threshold']:g}), at every block and topic", "fixed_c_convergence")
+
+
 def _coefficient_sweep(s: Mapping[str, Any], t: Targets) -> Iterator[Line]:
     for row in s.get("coefficient_sweep", []):
         yield Claim(f"C2 at block {row['layer']}: larger c ⇒ higher cos(u, h): ρ(c, cos) = {fmt(row['rho_c_cos'])}; "
@@ -273,7 +296,7 @@ def _comparisons(s: Mapping[str, Any], t: Targets) -> Iterator[Line]:
 
 #: The sections of the claims, in order; each yields the lines of its claims.
 SECTIONS: tuple[Callable[[Mapping[str, Any], Targets], Iterator[Line]], ...] = (
-    _theory, _convergence, _coefficient_sweep, _layer_sweep, _comparisons, _collapse, _early_late)
+    _theory, _fixed_c, _convergence, _coefficient_sweep, _layer_sweep, _comparisons, _collapse, _early_late)
 
 
 def _header(s: Mapping[str, Any], plan: ExperimentPlan, seconds: Mapping[str, float], quick: bool) -> list[str]:

@@ -1,16 +1,33 @@
 """The runs that the matched-utility comparison needs (:func:`rmu_analysis.claims.matched_forget`): at each layer, a
 trade-off curve per method — RMU over several c (c = ratio × the frozen forget norm ‖h_l‖, so one ratio grid
 serves every layer and model), Adaptive RMU over several β (the paper's {2, 3, 5, 10}, Section 5) — × seeds. The
-grid is a list of :class:`~.specs.RunSpec` for :func:`~.runner.run_sweep`; nothing is run here."""
+grid is a list of :class:`~.specs.RunSpec` for :func:`~.runner.run_sweep`. :func:`tradeoff_analysis` judges the
+layer-wise claims at matched general accuracy from the finished runs; :func:`tradeoff_report` runs and writes it."""
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
-from .plans import coefficient_grid
-from .specs import EvalSettings, RunSpec
+import numpy as np
+import pandas as pd
 
-__all__ = ["TradeoffPlan", "tradeoff_grid"]
+from .._io import atomic_write_json, atomic_write_text
+from ..claims import compare_matched, matched_forget
+from ..plots_experiments import plot_tradeoff
+from ..stats import N_BOOT
+from .measure import bits_array
+from .plans import ExperimentPlan, coefficient_grid
+from .figures import save_png
+from .results import finished_runs, load_results, result_topics
+from .runner import run_sweep
+from .specs import EvalSettings, RunSpec
+from .targets import TARGETS, Targets
+
+__all__ = ["TradeoffPlan", "tradeoff_grid", "tradeoff_plan", "tradeoff_points", "tradeoff_analysis",
+           "tradeoff_markdown", "tradeoff_report", "TRADEOFF_FILES"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,24 @@ class TradeoffPlan:
         return len(self.layers) * (len(self.coeff_ratios) + len(self.betas)) * len(self.seeds)
 
 
+def tradeoff_plan(plan: ExperimentPlan, *, layers: tuple[int, ...] | None = None,
+                  betas: tuple[float, ...] = (2.0, 3.0, 5.0, 10.0), seeds: tuple[int, ...] | None = None
+                  ) -> TradeoffPlan:
+    """The trade-off sweep that extends ``plan``'s coefficient sweep: its layers (``coeff_layers`` unless
+    ``layers``) and c / ‖h_l‖ ratios, Adaptive RMU over the paper's β ∈ {2, 3, 5, 10}, ``plan.seeds``, and the
+    same steps, lr, α and evaluation as its sweeps, so every run the coefficient sweep (seed 0) and the layer
+    sweep (β = ``plan.beta``) already made has the same key and is reused."""
+    layers = tuple(layers or plan.coeff_layers)
+    if not layers:
+        raise ValueError("the plan has no coefficient-sweep layers: pass layers=(...)")
+    if len(plan.coeff_ratios) < 2:
+        raise ValueError("the plan's coefficient sweep has fewer than 2 ratios: a curve needs at least 2 points")
+    return TradeoffPlan(layers=layers, steps=plan.steps, lr=plan.lr, alpha=plan.alpha,
+                        coeff_ratios=tuple(plan.coeff_ratios), betas=tuple(betas), seeds=tuple(seeds or plan.seeds),
+                        batch_size=plan.batch_size, log_every=plan.log_every, model=plan.model, data=plan.data,
+                        eval=dataclasses.replace(plan.eval, per_fact=plan.sweep_per_fact))
+
+
 def tradeoff_grid(plan: TradeoffPlan, norms: Mapping[int, float]) -> list[RunSpec]:
     """The runs of ``plan``: RMU with c = ratio × ``norms[l]`` (the frozen forget norms, e.g.
     :func:`~.plans.plan_norms` / :func:`~.measure.forget_norms`; rounded to 4 significant digits so keys are
@@ -60,3 +95,180 @@ def tradeoff_grid(plan: TradeoffPlan, norms: Mapping[int, float]) -> list[RunSpe
     return (coefficient_grid(cs, method="rmu", seeds=plan.seeds, **common)
             + coefficient_grid({l: plan.betas for l in plan.layers}, method="adaptive-rmu", seeds=plan.seeds,
                                **common))
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+def tradeoff_points(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, dict[int, np.ndarray]], dict[int, np.ndarray]]:
+    """The trade-off sweep's finished RMU / Adaptive RMU runs as :func:`~rmu_analysis.claims.matched_forget`
+    points: ``(points, forget_correct, general_correct)``. ``points``: one row per run with ``method, layer, seed,
+    setting`` (c or β), ``general_acc`` and one forget column per target: ``forget_acc`` (every forget question)
+    and ``acc_<topic>``. ``forget_correct[name]``: row index -> per-question booleans of that forget target (the
+    topics' questions concatenated for ``forget_acc``); ``general_correct``: row index -> general booleans."""
+    runs = finished_runs(frame)
+    runs = runs[runs["method"].isin(["rmu", "adaptive-rmu"])].reset_index(drop=True)
+    if runs.empty:
+        raise ValueError("no finished RMU / Adaptive RMU runs in the frame")
+    topics = result_topics(runs)
+    need = [f"correct_{t}" for t in topics] + ["correct_general"]
+    missing = [c for c in need if c not in runs]
+    if missing:
+        raise ValueError(f"the runs store no per-question outcomes ({missing}): re-run them with this version")
+    bits = {c: {i: bits_array(b) for i, b in runs[c].items()} for c in need}
+    forget = {f"acc_{t}": bits[f"correct_{t}"] for t in topics}
+    forget["forget_acc"] = {i: np.concatenate([bits[f"correct_{t}"][i] for t in topics]) for i in runs.index}
+    points = runs[["method", "layer", "seed", "coeff", "general_acc", "base_general_acc", "forget_acc"]
+                  + [f"acc_{t}" for t in topics]].rename(columns={"coeff": "setting"})
+    return points, forget, bits["correct_general"]
+
+
+def tradeoff_analysis(frame: pd.DataFrame, *, fraction: float | None = None, targets: Targets = TARGETS,
+                      n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
+    """The layer-wise claims at matched utility, from the trade-off sweep's results (``load_results``).
+
+    Forget accuracy of each (method, layer) curve at general accuracy = ``fraction`` (default
+    ``targets.matched_general_ratio``, 0.95) × the base model's, per forget target (every forget question, and each
+    topic), with bootstrap intervals over seeds and questions (:func:`~rmu_analysis.claims.matched_forget`).
+
+    - ``adaptive_vs_rmu``: per layer, Adaptive RMU − RMU at the matched general accuracy (paired draws). The
+      layer-wise claim "Adaptive RMU forgets more than fixed-c RMU" holds at a layer if the 95% interval on every
+      forget question lies entirely below 0.
+    - ``depth``: per method, the deepest − the shallowest layer at the matched general accuracy: "depth itself
+      costs forgetting" (Fig. 5's fixed-c failure not only a too-small c / ‖h_l‖) holds if the interval lies above 0.
+    """
+    fraction = float(targets.matched_general_ratio if fraction is None else fraction)
+    points, forget, general = tradeoff_points(frame)
+    base = float(points["base_general_acc"].iloc[0])
+    layers = sorted(int(l) for l in points["layer"].unique())
+    names = ["forget_acc"] + [c for c in forget if c != "forget_acc"]
+    matched, rows, versus, depth = {}, [], [], []
+    for name in names:
+        m = matched_forget(points.assign(forget_acc=points[name]), base_general=base, fraction=fraction,
+                           general_correct=general, forget_correct=forget[name], n_boot=n_boot, seed=seed)
+        matched[name] = m
+        rows += [{**r, "forget": name} for r in m.table.to_dict(orient="records")]
+        for l in layers:
+            try:
+                cmp = compare_matched(m, "adaptive-rmu", "rmu", l)
+            except KeyError:
+                continue
+            versus.append({"forget": name, "layer": l, **_cmp(cmp)})
+        for method in ("rmu", "adaptive-rmu"):
+            try:
+                cmp = compare_matched(m, method, method, layers[-1], layer_b=layers[0])
+            except KeyError:
+                continue
+            depth.append({"forget": name, "method": method, "deep": layers[-1], "shallow": layers[0], **_cmp(cmp)})
+    versus_f = pd.DataFrame(versus)
+    main = versus_f[versus_f["forget"] == "forget_acc"] if len(versus_f) else versus_f
+    adaptive_held = {int(r["layer"]): bool(np.isfinite(r["high"]) and r["high"] < 0) for _, r in main.iterrows()}
+    depth_f = pd.DataFrame(depth)
+    dmain = depth_f[depth_f["forget"] == "forget_acc"] if len(depth_f) else depth_f
+    depth_held = {r["method"]: bool(np.isfinite(r["low"]) and r["low"] > 0) for _, r in dmain.iterrows()}
+    return {"fraction": fraction, "base_general": base, "target": fraction * base, "layers": layers,
+            "seeds": sorted(int(s) for s in points["seed"].unique()), "n_runs": len(points),
+            "matched": _round(pd.DataFrame(rows)), "adaptive_vs_rmu": _round(versus_f), "depth": _round(depth_f),
+            "adaptive_beats_rmu": adaptive_held, "depth_costs": depth_held}
+
+
+def _cmp(c: Any) -> dict[str, Any]:
+    return {"diff": c.diff, "low": c.low, "high": c.high, "p_value": c.p_value, "n_boot": c.n_boot}
+
+
+def _round(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
+            for r in frame.round(6).to_dict(orient="records")]
+
+
+# ------------------------------------------------------------------------------------------------ report
+#: What :func:`tradeoff_report` writes into the output directory.
+TRADEOFF_FILES = ("tradeoff.md", "tradeoff.json", "tradeoff.png")
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:.1f}"
+
+
+def _signed_pts(x: Any) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:+.1f}".replace("-", "−")
+
+
+def tradeoff_markdown(analysis: Mapping[str, Any], plan: TradeoffPlan, sensitivity: Mapping[str, Any] | None = None
+                      ) -> str:
+    """``tradeoff.md``: the matched-utility table and the two layer-wise verdicts (thresholds first)."""
+    a = analysis
+    lines = ["# Layer-wise claims at matched utility (trade-off curves)", "",
+             f"RMU with c = ratio × ‖h_l‖ for ratios {list(plan.coeff_ratios)} and Adaptive RMU with β ∈ "
+             f"{list(plan.betas)}, at blocks {a['layers']}, seeds {a['seeds']} ({a['n_runs']} runs; {plan.steps} steps, "
+             f"lr {plan.lr:g}, α {plan.alpha:g}); scored on the test questions "
+             f"({'every wording' if plan.eval.per_fact is None else f'{plan.eval.per_fact} wording(s)'} per fact). "
+             f"Each seed's curve is interpolated linearly at general accuracy = {a['fraction']:.0%} × base "
+             f"({_pct(a['base_general'])}% → {_pct(a['target'])}%), then averaged over seeds; 95% intervals resample "
+             "seeds and questions (the same draws for every curve, so differences are paired). No extrapolation.", "",
+             "**Claims and thresholds, fixed before measuring.**",
+             "- *Adaptive RMU forgets more than fixed-c RMU* (Fig. 5, Section 5) at a layer: the 95% interval of "
+             "Adaptive − RMU forget accuracy (every forget question) at the matched general accuracy lies entirely "
+             "below 0.",
+             f"- *Depth itself costs forgetting* (Fig. 5's fixed-c failure is more than a too-small c / ‖h_l‖): for a "
+             f"method, block {a['layers'][-1]} − block {a['layers'][0]} at the matched general accuracy lies entirely "
+             "above 0.", "",
+             f"## Forget accuracy (%) at general accuracy {_pct(a['target'])}%", "",
+             "| block | forget set | RMU | Adaptive RMU | Adaptive − RMU (points) | p | verdict |", "|---|---|---|---|---|---|---|"]
+    matched = pd.DataFrame(a["matched"])
+    versus = pd.DataFrame(a["adaptive_vs_rmu"])
+    for l in a["layers"]:
+        for name in matched["forget"].unique():
+            def cell(method: str) -> str:
+                r = matched[(matched["method"] == method) & (matched["layer"] == l) & (matched["forget"] == name)]
+                if r.empty:
+                    return "n/a"
+                r = r.iloc[0]
+                return f"{_pct(r['forget_at_target'])} [{_pct(r['low'])}, {_pct(r['high'])}]"
+            v = versus[(versus["layer"] == l) & (versus["forget"] == name)] if len(versus) else versus
+            diff = (f"{_signed_pts(v.iloc[0]['diff'])} [{_signed_pts(v.iloc[0]['low'])}, {_signed_pts(v.iloc[0]['high'])}]"
+                    if len(v) else "n/a")
+            p = f"{v.iloc[0]['p_value']:.2g}" if len(v) and v.iloc[0]["p_value"] is not None else "n/a"
+            verdict = ("**held**" if a["adaptive_beats_rmu"].get(l) else "**not held**") if name == "forget_acc" else ""
+            label = "all forget" if name == "forget_acc" else name.replace("acc_", "")
+            lines.append(f"| {l} | {label} | {cell('rmu')} | {cell('adaptive-rmu')} | {diff} | {p} | {verdict} |")
+    lines += ["", f"## Block {a['layers'][-1]} − block {a['layers'][0]} at the matched general accuracy (points)", "",
+              "| method | forget set | difference | p | verdict |", "|---|---|---|---|---|"]
+    for r in a["depth"]:
+        verdict = ("**held**" if a["depth_costs"].get(r["method"]) else "**not held**") if r["forget"] == "forget_acc" else ""
+        label = "all forget" if r["forget"] == "forget_acc" else r["forget"].replace("acc_", "")
+        p = "n/a" if r["p_value"] is None else f"{r['p_value']:.2g}"
+        lines.append(f"| {r['method']} | {label} | {_signed_pts(r['diff'])} [{_signed_pts(r['low'])}, "
+                     f"{_signed_pts(r['high'])}] | {p} | {verdict} |")
+    if sensitivity:
+        s = sensitivity
+        parts = [f"block {r['layer']}: {_signed_pts(r['diff'])} [{_signed_pts(r['low'])}, {_signed_pts(r['high'])}]"
+                 for r in s["adaptive_vs_rmu"] if r["forget"] == "forget_acc"]
+        lines += ["", f"Sensitivity (no verdict): at {s['fraction']:.0%} of base general ({_pct(s['target'])}%), "
+                  f"Adaptive − RMU on every forget question: {'; '.join(parts)}."]
+    return "\n".join(lines) + "\n"
+
+
+def tradeoff_report(out: str | Path, results: str | Path, plan: TradeoffPlan, norms: Mapping[int, float],
+                    bench: Any, *, workers: int = 1, threads: int = 1, fresh: bool = False, progress: bool = True,
+                    targets: Targets = TARGETS) -> dict[str, Any]:
+    """Run (or reuse) every run of ``plan`` into ``results`` (``norms``: the frozen forget norms of its layers) and
+    write :data:`TRADEOFF_FILES` to ``out``; return the analysis with the runs trained and reused and the seconds."""
+    t0 = time.perf_counter()
+    out, results = Path(out), Path(results)
+    specs = tradeoff_grid(plan, norms)
+    outcome = run_sweep(specs, results, bench, resume=not fresh, progress=progress, desc="trade-off",
+                        workers=workers, threads=threads)
+    frame = load_results(results, specs)
+    analysis = tradeoff_analysis(frame, targets=targets)
+    sensitivity = tradeoff_analysis(frame, fraction=0.90, targets=targets) if targets.matched_general_ratio != 0.90 else None
+    points, _, _ = tradeoff_points(frame)
+    out.mkdir(parents=True, exist_ok=True)
+    save_png(plot_tradeoff(points, pd.DataFrame(analysis["matched"]).query("forget == 'forget_acc'"),
+                           target=analysis["target"]), out / "tradeoff.png")
+    text = tradeoff_markdown(analysis, plan, sensitivity)
+    text += (f"\nThis call: {outcome.ran} run(s) trained, {outcome.skipped} reused from {results}, "
+             f"{(time.perf_counter() - t0) / 60:.1f} min.\n")
+    atomic_write_text(out / "tradeoff.md", text)
+    summary = {**analysis, "sensitivity": sensitivity, "ran": outcome.ran, "reused": outcome.skipped,
+               "seconds": time.perf_counter() - t0, "figures": list(TRADEOFF_FILES)}
+    atomic_write_json(out / "tradeoff.json", summary)
+    return summary
