@@ -37,6 +37,7 @@ __all__ = [
     "load_text_corpus",
     "write_mcq",
     "write_jsonl",
+    "per_fact",
 ]
 
 #: Answer letters of the four choices, in order.
@@ -503,6 +504,26 @@ def load_text_corpus(path: str | os.PathLike, *, min_chars: int = 0, limit: int 
 # ----------------------------------------------------------------------------------------------------------
 # writers (used by the organism build)
 # ----------------------------------------------------------------------------------------------------------
+
+
+def per_fact(records: Iterable[dict], k: int = 1, limit: int | None = None, *, name: str = "records") -> list[dict]:
+    """The first ``k`` questions of each fact (records in order; each needs a ``"fact_id"``, as the organism's held-out
+    wordings have), then the first ``limit`` of those: ``per_fact(questions["bio"], 1, 64)`` = one wording of each
+    of the first 64 facts. Scores on one wording per fact are independent across questions."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int (questions kept per fact), got {k!r}")
+    _check_limit(limit)
+    records = list(records)
+    missing = [i for i, r in enumerate(records) if "fact_id" not in r]
+    if missing:
+        raise ValueError(f"per-fact selection needs a 'fact_id' in every record of {name} (record {missing[0]} has none)")
+    seen: dict[Any, int] = {}
+    kept = []
+    for r in records:
+        seen[r["fact_id"]] = seen.get(r["fact_id"], 0) + 1
+        if seen[r["fact_id"]] <= k:
+            kept.append(r)
+    return kept if limit is None else kept[:limit]
 
 
 def write_mcq(records: Sequence[dict], path: str | os.PathLike) -> Path:

@@ -39,7 +39,7 @@ from .experiments.robustness_report import robustness_report
 from .experiments.runner import run_sweep
 from .experiments.targets import TARGETS, Targets
 from .experiments.theory_checks import theory_checks
-from .experiments.tradeoff import tradeoff_plan, tradeoff_report
+from .experiments.tradeoff import confidence_control_grid, tradeoff_plan, tradeoff_report
 from .experiments.workbench import LazyWorkbench, Workbench
 from .recipes import organism_plan
 
@@ -93,7 +93,9 @@ def reproduce(out_dir: str | Path | None = None, *, quick: bool = False, plan: E
         t = time.perf_counter()
         tplan = tradeoff_plan(plan)
         tnorms = plan_norms(dataclasses.replace(plan, coeff_layers=tplan.layers), lazy, results)
-        tradeoff = tradeoff_report(out, results, tplan, tnorms, lazy if workers == 1 else bench, workers=workers,
+        tradeoff = tradeoff_report(out, results, tplan, tnorms, lazy if workers == 1 else bench,
+                                   control=confidence_control_grid(plan, tplan) if plan.table_layer in tplan.layers
+                                   else None, control_layer=plan.table_layer, workers=workers,
                                    threads=threads or 1, fresh=fresh, progress=progress, targets=targets)
         seconds["tradeoff"] = time.perf_counter() - t
     if set(experiments) <= set(OPTIONAL):  # only optional parts: nothing else is written
@@ -147,6 +149,8 @@ def reproduce(out_dir: str | Path | None = None, *, quick: bool = False, plan: E
         summary["robustness"] = robust["claim"]  # the §3.3 verdict; the table is in robustness.md / .json
     if tradeoff:
         summary["tradeoff"] = {k: tradeoff[k] for k in ("fraction", "target", "adaptive_beats_rmu", "depth_costs")}
+        if tradeoff.get("confidence_control"):
+            summary["tradeoff"]["confidence_control_held"] = tradeoff["confidence_control"]["held"]
     summary["plan"] = json.loads(json.dumps(dataclasses.asdict(plan), default=str))
     md = summary_markdown(summary, plan, seconds, quick, targets=targets)
     if len(frames["table1"]):

@@ -259,3 +259,17 @@ def test_write_jsonl_raw_lines_reject_newlines(tmp_path):
         write_jsonl(["one\ntwo"], tmp_path / "x.jsonl", field=None)
     with pytest.raises(TypeError, match=r"texts\[0\] is a int"):
         write_jsonl([3], tmp_path / "x.jsonl")
+
+
+def test_per_fact_keeps_the_first_wordings_of_each_fact():
+    from rmu_analysis.data import per_fact
+
+    recs = [{"fact_id": f, "w": w} for w in range(3) for f in ("a", "b", "c")]  # wordings interleaved across facts
+    assert [(r["fact_id"], r["w"]) for r in per_fact(recs)] == [("a", 0), ("b", 0), ("c", 0)]
+    assert len(per_fact(recs, 2)) == 6 and all(r["w"] < 2 for r in per_fact(recs, 2))
+    assert [r["fact_id"] for r in per_fact(recs, 1, 2)] == ["a", "b"]
+    with pytest.raises(ValueError, match="fact_id"):
+        per_fact(recs + [{"w": 9}])
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="positive int"):
+            per_fact(recs, bad)

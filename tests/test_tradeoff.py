@@ -168,3 +168,46 @@ def test_report_runs_writes_and_reuses(tmp_path):
     assert saved["adaptive_beats_rmu"] == {str(k): v for k, v in summary["adaptive_beats_rmu"].items()}
     again = T.tradeoff_report(tmp_path / "out", tmp_path / "runs", plan, {2: 1.0, 3: 1.5}, bench, progress=False)
     assert again["ran"] == 0 and again["matched"] == summary["matched"]
+
+
+def _confidence_frame(gap: float) -> pd.DataFrame:
+    """Curves of MaxLogit against forget accuracy: every method on the same straight line, the RMU-type ones
+    ``gap`` lower; forget accuracy from 0.5 to 0.9 over the knob."""
+    rows = []
+    for method, knobs in (("rmu", (10.0, 20.0, 40.0)), ("adaptive-rmu", (2.0, 5.0, 10.0)),
+                          ("ga", (1e-3, 4e-3, 8e-3)), ("npo", (3e-3, 1e-2, 2e-2))):
+        for s in (0, 1, 2):
+            for i, k in enumerate(knobs):
+                f = 0.9 - 0.2 * i + 0.01 * s
+                ml = 10.0 + 5.0 * f - (gap if method in ("rmu", "adaptive-rmu") else 0.0) + 0.02 * s
+                steer = method in ("rmu", "adaptive-rmu")
+                rows.append({"status": "ok", "method": method, "layer": 3, "seed": s, "coeff": k if steer else None,
+                             "lr": 1e-2 if steer else k, "forget_acc": f, "general_acc": 0.8, "maxlogit_bio": ml, "maxlogit_cyber": ml,
+                             "norm_frozen_bio": 1.0, "norm_frozen_cyber": 1.0})
+    return pd.DataFrame(rows)
+
+
+def test_matched_confidence_compares_at_equal_forget_accuracy():
+    lower = T.matched_confidence(_confidence_frame(gap=0.5), 3, n_boot=300)
+    assert lower["held"] and lower["n_pairs"] == 3 * 4
+    assert all(p["diff"] == pytest.approx(-0.5, abs=1e-9) for p in lower["pairs"])
+    assert all(r["general_acc"] == pytest.approx(0.8) for r in lower["table"])
+    same = T.matched_confidence(_confidence_frame(gap=0.0), 3, n_boot=300)
+    assert not same["held"] and all(abs(p["diff"]) < 1e-9 for p in same["pairs"])
+    out_of_range = T.matched_confidence(_confidence_frame(gap=0.5), 3, levels=(0.3,), n_boot=50)
+    assert out_of_range["n_pairs"] == 0 and not out_of_range["held"]  # no extrapolation, so nothing to compare
+    assert "held" in T.confidence_markdown(lower) and "rmu − ga" in T.confidence_markdown(lower)
+    with pytest.raises(ValueError, match="no runs of"):
+        T.matched_confidence(_confidence_frame(0.5).query("method != 'npo'"), 3)
+
+
+def test_confidence_control_grid_sits_at_the_table_layer():
+    plan = organism_plan()
+    tplan = T.tradeoff_plan(plan)
+    specs = T.confidence_control_grid(plan, tplan)
+    assert {s.layer for s in specs} == {plan.table_layer} and {s.eval for s in specs} == {tplan.eval}
+    assert sorted({(s.method, s.lr) for s in specs}) == sorted(
+        (m, lr) for m, lrs in T.CONTROL_LRS.items() for lr in lrs)
+    assert len(specs) == 7 * 3 and len({s.key() for s in specs}) == 21
+    with pytest.raises(ValueError, match="no curve at Table 1's layer"):
+        T.confidence_control_grid(plan, T.tradeoff_plan(plan, layers=(7, 11)))

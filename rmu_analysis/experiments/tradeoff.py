@@ -19,14 +19,15 @@ from ..claims import compare_matched, matched_forget
 from ..plots_experiments import plot_tradeoff
 from ..stats import N_BOOT
 from .measure import bits_array
-from .plans import ExperimentPlan, coefficient_grid
+from .plans import ExperimentPlan, coefficient_grid, table1_grid
 from .figures import save_png
 from .results import finished_runs, load_results, result_topics
 from .runner import run_sweep
 from .specs import EvalSettings, RunSpec
 from .targets import TARGETS, Targets
 
-__all__ = ["TradeoffPlan", "tradeoff_grid", "tradeoff_plan", "tradeoff_points", "tradeoff_analysis",
+__all__ = ["TradeoffPlan", "tradeoff_grid", "tradeoff_plan", "tradeoff_points", "tradeoff_analysis", "confidence_control_grid",
+           "matched_confidence", "confidence_markdown", "CONTROL_LRS",
            "tradeoff_markdown", "tradeoff_report", "TRADEOFF_FILES"]
 
 
@@ -95,6 +96,26 @@ def tradeoff_grid(plan: TradeoffPlan, norms: Mapping[int, float]) -> list[RunSpe
     return (coefficient_grid(cs, method="rmu", seeds=plan.seeds, **common)
             + coefficient_grid({l: plan.betas for l in plan.layers}, method="adaptive-rmu", seeds=plan.seeds,
                                **common))
+
+
+#: Output-space unlearning over its learning rate for C1's control (:func:`confidence_control_grid`): from "barely
+#: forgets" to "forgets about as much as RMU", 100 steps as in Table 1's grid.
+CONTROL_LRS: dict[str, tuple[float, ...]] = {"ga": (1e-3, 2e-3, 4e-3, 8e-3), "npo": (3e-3, 1e-2, 2e-2)}
+
+
+def confidence_control_grid(plan: ExperimentPlan, tplan: TradeoffPlan, *, lrs: Mapping[str, tuple[float, ...]] = CONTROL_LRS
+                            ) -> list[RunSpec]:
+    """C1's control at matched forget accuracy: GA and NPO over ``lrs`` at Table 1's layer, × the trade-off seeds,
+    scored as the trade-off runs (so each run's MaxLogit on the same forget prompts lies on a curve over forget
+    accuracy beside RMU's over c and Adaptive RMU's over β at that layer). Other fields as Table 1's grid
+    (100 steps; NPO β = 0.1, α = 1)."""
+    if plan.table_layer not in tplan.layers:
+        raise ValueError(f"the trade-off plan has no curve at Table 1's layer {plan.table_layer}: {tplan.layers}")
+    extra = {"ga": {"steps": 100}, "npo": {"steps": 100, "coeff": 0.1, "alpha": 1.0}}
+    grid = {m: [{"lr": lr, **extra[m]} for lr in v] for m, v in lrs.items()}
+    common = {"batch_size": tplan.batch_size, "model": tplan.model, "data": tplan.data, "eval": tplan.eval,
+              "options": (("log_every", tplan.log_every),)}
+    return table1_grid(plan.table_layer, grid, seeds=tplan.seeds, **common)
 
 
 # ------------------------------------------------------------------------------------------------ analysis
@@ -170,6 +191,53 @@ def tradeoff_analysis(frame: pd.DataFrame, *, fraction: float | None = None, tar
             "adaptive_beats_rmu": adaptive_held, "depth_costs": depth_held}
 
 
+def matched_confidence(frame: pd.DataFrame, layer: int, *, levels: tuple[float, ...] = (0.6, 0.7, 0.8),
+                       misdirection: tuple[str, ...] = ("rmu", "adaptive-rmu"), output: tuple[str, ...] = ("ga", "npo"),
+                       n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
+    """C1's control at matched forget accuracy (Fig. 2a–d): does misdirection lower token confidence more than
+    output-space unlearning that forgets as much? Each method's runs at ``layer`` form one curve per seed of mean
+    MaxLogit (the runs' forget prompts, mean over topics) against forget accuracy (RMU over c, Adaptive RMU over β,
+    GA / NPO over the learning rate: :func:`confidence_control_grid`); each is interpolated at forget accuracy
+    ``levels`` (no extrapolation), averaged over seeds, with a bootstrap over seeds (the same draws for every
+    curve; the runs keep no per-prompt MaxLogit, so prompts are not resampled).
+
+    ``pairs``: misdirection − output MaxLogit at each level where both curves reach it. ``held``: at least one such
+    pair, and in every one the 95% interval lies entirely below 0."""
+    runs = finished_runs(frame)
+    runs = runs[(runs["layer"] == layer) & runs["method"].isin(misdirection + output)]
+    topics = result_topics(runs)
+    if runs.empty or not topics:
+        raise ValueError(f"no RMU-type or GA / NPO runs at layer {layer} in the frame")
+    missing = sorted(set(misdirection + output) - set(runs["method"]))
+    if missing:
+        raise ValueError(f"no runs of {missing} at layer {layer}: run confidence_control_grid and the trade-off grid")
+    steering = runs["method"].isin(["rmu", "adaptive-rmu"])
+    points = pd.DataFrame({"method": runs["method"], "layer": runs["layer"], "seed": runs["seed"],
+                           "setting": np.where(steering, runs["coeff"], runs["lr"]),
+                           "general_acc": runs["forget_acc"],  # the x axis of the curves: forget accuracy
+                           "forget_acc": runs[[f"maxlogit_{t}" for t in topics]].mean(axis=1)})  # y: MaxLogit
+    utility = points.assign(forget_acc=runs["general_acc"].to_numpy())  # general accuracy along the same curves
+    rows, pairs = [], []
+    for level in levels:
+        m = matched_forget(points, target=float(level), n_boot=n_boot, seed=seed)
+        g = matched_forget(utility, target=float(level), n_boot=1, seed=seed).table.set_index("method")
+        for r in m.table.to_dict(orient="records"):
+            rows.append({"level": float(level), "method": r["method"], "max_logit": r["forget_at_target"],
+                         "low": r["low"], "high": r["high"], "n_seeds": r["n_seeds"],
+                         "general_acc": float(g.loc[r["method"], "forget_at_target"])})
+        for a in misdirection:
+            for b in output:
+                c = compare_matched(m, a, b, layer)
+                if np.isfinite(c.diff) and c.n_boot:
+                    pairs.append({"level": float(level), "misdirection": a, "output": b, **_cmp(c),
+                                  "lower": bool(np.isfinite(c.high) and c.high < 0)})
+    return {"layer": int(layer), "levels": [float(x) for x in levels], "table": _round(pd.DataFrame(rows)),
+            "pairs": _round(pd.DataFrame(pairs)) if pairs else [], "n_pairs": len(pairs),
+            "held": bool(pairs) and all(p["lower"] for p in pairs),
+            "range": {m: [float(g["general_acc"].min()), float(g["general_acc"].max())]
+                      for m, g in points.groupby("method")}}
+
+
 def _cmp(c: Any) -> dict[str, Any]:
     return {"diff": c.diff, "low": c.low, "high": c.high, "p_value": c.p_value, "n_boot": c.n_boot}
 
@@ -190,6 +258,36 @@ def _pct(x: Any) -> str:
 
 def _signed_pts(x: Any) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:+.1f}".replace("-", "−")
+
+
+def confidence_markdown(control: Mapping[str, Any]) -> str:
+    """The C1-control section of ``tradeoff.md`` (:func:`matched_confidence`)."""
+    c = control
+    ranges = ", ".join(f"{m} {_pct(lo)}–{_pct(hi)}%" for m, (lo, hi) in c["range"].items())
+    lines = [f"## C1's control at matched forget accuracy (block {c['layer']})", "",
+             "Mean MaxLogit on the runs' forget prompts (the same prompts for every run), each method's per-seed curve "
+             "over its knob (RMU c, Adaptive RMU β, GA / NPO learning rate) interpolated at forget accuracy "
+             f"{', '.join(f'{100 * x:g}%' for x in c['levels'])} (levels fixed before measuring; no extrapolation), "
+             "mean over seeds, bootstrap over seeds. Forget accuracy each method's runs span: " + ranges + ".", "",
+             "**Claim and threshold.** Misdirection lowers token confidence more than output-space unlearning at "
+             "matched forget accuracy: at least one (RMU-type, GA/NPO) pair reaches a level together, and for every "
+             "such pair the 95% interval of their MaxLogit difference lies entirely below 0.", "",
+             "| forget acc | method | MaxLogit | seeds reaching it | general accuracy (%) |", "|---|---|---|---|---|"]
+    for r in c["table"]:
+        if r["max_logit"] is not None:
+            lines.append(f"| {100 * r['level']:g}% | {r['method']} | {r['max_logit']:.2f} [{r['low']:.2f}, "
+                         f"{r['high']:.2f}] | {r['n_seeds']} | {_pct(r['general_acc'])} |")
+    lines += ["", "Matched forget accuracy is not matched utility: the general-accuracy column says what each method "
+              "kept at that forget accuracy.", "",
+              "| forget acc | RMU-type − output | MaxLogit difference | p | lower |", "|---|---|---|---|---|"]
+    for p in c["pairs"]:
+        num = [f"{p[k]:+.2f}".replace("-", "−") for k in ("diff", "low", "high")]
+        lines.append(f"| {100 * p['level']:g}% | {p['misdirection']} − {p['output']} | {num[0]} [{num[1]}, {num[2]}] "
+                     f"| {p['p_value']:.2g} | {'yes' if p['lower'] else 'no'} |")
+    if not c["pairs"]:
+        lines.append("| — | no pair reaches a common forget accuracy | | | |")
+    lines += ["", f"Verdict: **{'held' if c['held'] else 'not held'}** ({c['n_pairs']} pair(s) at a common level)."]
+    return "\n".join(lines) + "\n"
 
 
 def tradeoff_markdown(analysis: Mapping[str, Any], plan: TradeoffPlan, sensitivity: Mapping[str, Any] | None = None
@@ -248,15 +346,18 @@ def tradeoff_markdown(analysis: Mapping[str, Any], plan: TradeoffPlan, sensitivi
 
 
 def tradeoff_report(out: str | Path, results: str | Path, plan: TradeoffPlan, norms: Mapping[int, float],
-                    bench: Any, *, workers: int = 1, threads: int = 1, fresh: bool = False, progress: bool = True,
+                    bench: Any, *, control: list[RunSpec] | None = None, control_layer: int | None = None,
+                    workers: int = 1, threads: int = 1, fresh: bool = False, progress: bool = True,
                     targets: Targets = TARGETS) -> dict[str, Any]:
     """Run (or reuse) every run of ``plan`` into ``results`` (``norms``: the frozen forget norms of its layers) and
-    write :data:`TRADEOFF_FILES` to ``out``; return the analysis with the runs trained and reused and the seconds."""
+    write :data:`TRADEOFF_FILES` to ``out``; return the analysis with the runs trained and reused and the seconds.
+    ``control`` (:func:`confidence_control_grid`) adds C1's control at matched forget accuracy at ``control_layer``
+    (:func:`matched_confidence`)."""
     t0 = time.perf_counter()
     out, results = Path(out), Path(results)
     specs = tradeoff_grid(plan, norms)
-    outcome = run_sweep(specs, results, bench, resume=not fresh, progress=progress, desc="trade-off",
-                        workers=workers, threads=threads)
+    outcome = run_sweep(specs + list(control or []), results, bench, resume=not fresh, progress=progress,
+                        desc="trade-off", workers=workers, threads=threads)
     frame = load_results(results, specs)
     analysis = tradeoff_analysis(frame, targets=targets)
     sensitivity = tradeoff_analysis(frame, fraction=0.90, targets=targets) if targets.matched_general_ratio != 0.90 else None
@@ -265,10 +366,15 @@ def tradeoff_report(out: str | Path, results: str | Path, plan: TradeoffPlan, no
     save_png(plot_tradeoff(points, pd.DataFrame(analysis["matched"]).query("forget == 'forget_acc'"),
                            target=analysis["target"]), out / "tradeoff.png")
     text = tradeoff_markdown(analysis, plan, sensitivity)
+    confidence = None
+    if control:
+        layer = control_layer if control_layer is not None else control[0].layer
+        confidence = matched_confidence(pd.concat([frame, load_results(results, control)], ignore_index=True), layer)
+        text += "\n" + confidence_markdown(confidence)
     text += (f"\nThis call: {outcome.ran} run(s) trained, {outcome.skipped} reused from {results}, "
              f"{(time.perf_counter() - t0) / 60:.1f} min.\n")
     atomic_write_text(out / "tradeoff.md", text)
-    summary = {**analysis, "sensitivity": sensitivity, "ran": outcome.ran, "reused": outcome.skipped,
+    summary = {**analysis, "sensitivity": sensitivity, "confidence_control": confidence, "ran": outcome.ran, "reused": outcome.skipped,
                "seconds": time.perf_counter() - t0, "figures": list(TRADEOFF_FILES)}
     atomic_write_json(out / "tradeoff.json", summary)
     return summary

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from torch import nn
 
-from ..data import load_forget_corpus, load_mcq, load_text_corpus
+from ..data import load_forget_corpus, load_mcq, load_text_corpus, per_fact
 from ..evaluation import WMDP_SUBJECTS
 from ..models import load_model
 from ..organism import SUBJECTS, has_dev_split, organism_corpora, organism_mcq
@@ -59,15 +59,7 @@ class ExperimentData:
         for name, records in sets.items():
             records = list(records)
             if settings.per_fact is not None:
-                if not all("fact_id" in r for r in records):
-                    raise ValueError(f"per_fact={settings.per_fact} needs a 'fact_id' in every record of set {name!r}")
-                seen: dict[str, int] = {}
-                kept = []
-                for r in records:
-                    seen[r["fact_id"]] = seen.get(r["fact_id"], 0) + 1
-                    if seen[r["fact_id"]] <= settings.per_fact:
-                        kept.append(r)
-                records = kept
+                records = per_fact(records, settings.per_fact, name=f"set {name!r} (per_fact={settings.per_fact})")
             out[name] = records if settings.questions is None else records[: settings.questions]
         return out
 
