@@ -16,8 +16,9 @@ from torch import nn  # noqa: E402
 from rmu_analysis import measure_confidence, noise_sensitivity, plots, random_direction, steer  # noqa: E402
 from rmu_analysis.evaluation import evaluate_mcq  # noqa: E402
 from rmu_analysis.models import attached_tokenizer, decoder_blocks  # noqa: E402
+from rmu_analysis.theory.jacobian import _logits_with_block  # noqa: E402
 from rmu_analysis.theory import (  # noqa: E402
-    Convergence, InputGradients, OptimalCoefficient, Proposition1, _logits_with_block, confidence_vs_coeff,
+    Convergence, InputGradients, OptimalCoefficient, Proposition1, confidence_vs_coeff,
     forget_convergence, input_gradient_norms, logit_jacobian, loglog_slope, mean_representation,
     optimal_coefficient, proposition1,
 )

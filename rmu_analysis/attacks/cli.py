@@ -229,7 +229,7 @@ def run_attack(args) -> int:
     t0 = time.perf_counter()
     config: Any
     if args.attack == "gcg":
-        from .gcg import gcg, gcg_attack, gcg_transfer
+        from .gcg import gcg_attack, gcg_transfer
 
         config = _gcg_config(args, scoring)
         if args.mode == "transfer":

@@ -10,7 +10,7 @@ import torch
 from ..evaluation import evaluate_mcq
 from ..stats import format_interval
 from . import SUBJECTS, build_report, load_organism, organism_corpora, organism_mcq
-from .build import BuildConfig, block_norms, build_organism, evaluate_organism, main_summary
+from .build import BuildConfig, block_norms, build_organism, main_summary
 from .build_v2 import BuildConfigV2, build_organism_v2, summary_v2
 
 __all__ = ["add_demo_parser", "add_organism_parser"]
