@@ -394,7 +394,7 @@ def _assert_same(new, old):
 @pytest.mark.parametrize("max_length", [None, 30])  # 30: some contexts cut by one amount per choice length
 @pytest.mark.parametrize("pass_cost", ["one pass", "one pass per length"])
 def test_shared_context_equals_full_path(tok, tiny_llama, monkeypatch, arch, side, add_bos, max_length, pass_cost):
-    import rmu_analysis.evaluation as ev
+    import rmu_analysis._scoring as ev  # the scoring engine (its pass-cost model is patched)
 
     if pass_cost != "one pass":  # every distinct continuation length in its own pass over a selected cache copy
         monkeypatch.setattr(ev, "_pass_cost", lambda model, device: 0.0)
@@ -524,7 +524,7 @@ def test_shared_context_with_a_sliding_window(tok, window):
 
 
 def test_length_chunks():
-    from rmu_analysis.evaluation import _length_chunks
+    from rmu_analysis._scoring import _length_chunks
 
     lengths = [9, 9, 8, 5, 5, 5, 5, 3, 3, 2, 2, 2, 2, 2, 1]
     for cost in (0.0, 5.0, 1e6, float("inf")):
