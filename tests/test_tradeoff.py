@@ -93,13 +93,15 @@ def test_organism_tradeoff_plan_reuses_the_sweeps_runs():
     plan = organism_plan()
     norms = {3: 17.23, 7: 40.02, 11: 81.9}
     tplan = T.tradeoff_plan(plan)
-    assert tplan.layers == plan.coeff_layers and tplan.betas == (2.0, 3.0, 5.0, 10.0) and tplan.seeds == (0, 1, 2)
+    assert tplan.layers == plan.coeff_layers and set(tplan.betas) >= {2.0, 3.0, 5.0, 10.0}  # the paper's β among them
+    assert set(tplan.coeff_ratios) >= set(plan.coeff_ratios) and tplan.seeds == (0, 1, 2, 3, 4)
     keys = {s.key() for s in T.tradeoff_grid(tplan, norms)}
     grids = plan_grids(plan, norms)
     coeff = {s.key() for s in grids["coefficient"]}
     beta = {s.key() for s in grids["layer"] if s.method == "adaptive-rmu" and s.layer in plan.coeff_layers}
-    assert coeff <= keys and beta <= keys and len(keys) == tplan.n_runs == 81
-    assert len(keys - coeff - beta) == 51  # what the trade-off curves add
+    assert coeff <= keys and beta <= keys and len(keys) == tplan.n_runs == 3 * (7 + 6) * 5
+    assert len(keys - coeff - beta) == tplan.n_runs - 21 - 9  # what the trade-off curves add
+    assert T.tradeoff_plan(plan, seeds=None).seeds == plan.seeds
     with pytest.raises(ValueError, match="no coefficient-sweep layers"):
         T.tradeoff_plan(organism_plan(quick=True).__class__(**{**organism_plan().__dict__, "coeff_layers": ()}))
 
@@ -146,8 +148,8 @@ def test_sweep_cli_lists_the_organism_tradeoff_runs(tmp_path, capsys):
     shutil.copy(Path(__file__).parents[1] / "figures" / "results" / "norms.json", tmp_path / "norms.json")
     assert main(["sweep", "--experiment", "tradeoff", "--results", str(tmp_path), "--list"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 81 and all(line.split()[1] == "todo" for line in lines)
-    assert sum("adaptive-rmu" in line for line in lines) == 3 * 4 * 3
+    assert len(lines) == 3 * (7 + 6) * 5 and all(line.split()[1] == "todo" for line in lines)
+    assert sum("adaptive-rmu" in line for line in lines) == 3 * 6 * 5
 
 
 def test_report_runs_writes_and_reuses(tmp_path):
@@ -208,6 +210,6 @@ def test_confidence_control_grid_sits_at_the_table_layer():
     assert {s.layer for s in specs} == {plan.table_layer} and {s.eval for s in specs} == {tplan.eval}
     assert sorted({(s.method, s.lr) for s in specs}) == sorted(
         (m, lr) for m, lrs in T.CONTROL_LRS.items() for lr in lrs)
-    assert len(specs) == 7 * 3 and len({s.key() for s in specs}) == 21
+    assert len(specs) == 7 * 5 and len({s.key() for s in specs}) == 35
     with pytest.raises(ValueError, match="no curve at Table 1's layer"):
         T.confidence_control_grid(plan, T.tradeoff_plan(plan, layers=(7, 11)))

@@ -168,7 +168,7 @@ def tradeoff_command(args, plan: ExperimentPlan, factory: Callable[[], Workbench
     """``sweep --experiment tradeoff``: (a shard of) the trade-off runs, one JSON per run; then, over what is in
     ``--results``, the matched-utility verdicts (tradeoff.md beside the results directory is written by
     ``reproduce --only tradeoff``)."""
-    tplan = tradeoff_plan(plan, seeds=tuple(args.seeds) if args.seeds else None)
+    tplan = tradeoff_plan(plan, **({"seeds": tuple(args.seeds)} if args.seeds else {}))  # default: 5 seeds
     bench = LazyWorkbench(factory)
     norms = plan_norms(dataclasses.replace(plan, coeff_layers=tplan.layers), bench, args.results)
     specs = tradeoff_grid(tplan, norms)

@@ -28,6 +28,7 @@ from .targets import TARGETS, Targets
 
 __all__ = ["TradeoffPlan", "tradeoff_grid", "tradeoff_plan", "tradeoff_points", "tradeoff_analysis", "confidence_control_grid",
            "matched_confidence", "confidence_markdown", "CONTROL_LRS",
+           "TRADEOFF_RATIOS", "TRADEOFF_BETAS", "TRADEOFF_SEEDS",
            "tradeoff_markdown", "tradeoff_report", "TRADEOFF_FILES"]
 
 
@@ -64,20 +65,27 @@ class TradeoffPlan:
         return len(self.layers) * (len(self.coeff_ratios) + len(self.betas)) * len(self.seeds)
 
 
+#: The curves' grid: c / ‖h_l‖ ratios for RMU (the coefficient sweep's ½ … 8 plus 3 and 6) and β for Adaptive RMU
+#: (the paper's 2, 3, 5, 10 plus 4 and 7), × 5 seeds. The first run (the coefficient sweep's 5 ratios, the paper's 4
+#: β, seeds 0–2) gave matched-utility intervals of ±10–20 points: interpolating across factor-2 gaps, resampling 3
+#: seeds; the grid and the seeds were then made denser (docs/claims.md), the same for every layer and method.
+TRADEOFF_RATIOS: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+TRADEOFF_BETAS: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 7.0, 10.0)
+TRADEOFF_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
+
+
 def tradeoff_plan(plan: ExperimentPlan, *, layers: tuple[int, ...] | None = None,
-                  betas: tuple[float, ...] = (2.0, 3.0, 5.0, 10.0), seeds: tuple[int, ...] | None = None
-                  ) -> TradeoffPlan:
+                  ratios: tuple[float, ...] = TRADEOFF_RATIOS, betas: tuple[float, ...] = TRADEOFF_BETAS,
+                  seeds: tuple[int, ...] | None = TRADEOFF_SEEDS) -> TradeoffPlan:
     """The trade-off sweep that extends ``plan``'s coefficient sweep: its layers (``coeff_layers`` unless
-    ``layers``) and c / ‖h_l‖ ratios, Adaptive RMU over the paper's β ∈ {2, 3, 5, 10}, ``plan.seeds``, and the
-    same steps, lr, α and evaluation as its sweeps, so every run the coefficient sweep (seed 0) and the layer
-    sweep (β = ``plan.beta``) already made has the same key and is reused."""
+    ``layers``), RMU over c = ``ratios`` × ‖h_l‖, Adaptive RMU over ``betas``, ``seeds`` (None: ``plan.seeds``),
+    and the same steps, lr, α and evaluation as its sweeps, so every run the coefficient sweep (seed 0) and the
+    layer sweep (β = ``plan.beta``) already made has the same key and is reused."""
     layers = tuple(layers or plan.coeff_layers)
     if not layers:
         raise ValueError("the plan has no coefficient-sweep layers: pass layers=(...)")
-    if len(plan.coeff_ratios) < 2:
-        raise ValueError("the plan's coefficient sweep has fewer than 2 ratios: a curve needs at least 2 points")
     return TradeoffPlan(layers=layers, steps=plan.steps, lr=plan.lr, alpha=plan.alpha,
-                        coeff_ratios=tuple(plan.coeff_ratios), betas=tuple(betas), seeds=tuple(seeds or plan.seeds),
+                        coeff_ratios=tuple(ratios), betas=tuple(betas), seeds=tuple(seeds or plan.seeds),
                         batch_size=plan.batch_size, log_every=plan.log_every, model=plan.model, data=plan.data,
                         eval=dataclasses.replace(plan.eval, per_fact=plan.sweep_per_fact))
 
