@@ -111,10 +111,11 @@ def organism_plan(quick: bool = False) -> ExperimentPlan:
 
 
 def model_plan(n_blocks: int, *, model: str, data: str, c: float | None = None, layer: int | None = None,
-               steps: int | None = None, seeds: tuple[int, ...] = (0, 1, 2), eval: EvalSettings | None = None
-               ) -> ExperimentPlan:
+               steps: int | None = None, seeds: tuple[int, ...] = (0, 1, 2), eval: EvalSettings | None = None,
+               dtype: str | None = None) -> ExperimentPlan:
     """The paper's recipe on a real model (``ZEPHYR``: l = 7, c = 6.5, β = 5, α = 1200, lr 5e-5, 500 steps unless
-    given); baselines at the WMDP paper's scale of learning rates."""
+    given); baselines at the WMDP paper's scale of learning rates. ``dtype``: the parameter dtype the model is
+    loaded in (None: float32), part of every run's key."""
     c = ZEPHYR.steering_coeff if c is None else c
     layer = ZEPHYR.layer if layer is None else layer
     steps = ZEPHYR.steps if steps is None else steps
@@ -129,7 +130,7 @@ def model_plan(n_blocks: int, *, model: str, data: str, c: float | None = None, 
     return ExperimentPlan(layers=tuple(valid_layers(n_blocks)), c=c, steps=steps, lr=ZEPHYR.lr, alpha=ZEPHYR.alpha,
                           table_layer=layer, table_grid=grid, seeds=seeds, coeff_layers=(layer,),
                           coeff_ratios=(0.5, 1.0, 2.0, 4.0), beta=_ZEPHYR_BETA, model=model, data=data,
-                          eval=eval or EvalSettings(confidence_prompts=64, confidence_tokens=30))
+                          eval=eval or EvalSettings(confidence_prompts=64, confidence_tokens=30), dtype=dtype)
 
 
 #: The attacks' budget on the organism, sized so that the whole robustness plan (6 models × 3 seeds × 6 attacks)
@@ -168,7 +169,8 @@ def model_robustness_plan(plan: ExperimentPlan, *, seeds: tuple[int, ...] | None
             fields["steering_coeff" if method == "rmu" else "beta"] = point.pop("coeff")
         methods.append((labels[method], classes[method](**fields, **point)))
     return RobustnessPlan(methods=tuple(methods), layer=plan.table_layer, budget=budget or AttackBudget(),
-                          seeds=seeds or plan.seeds, model=plan.model, data=plan.data, eval=plan.eval)
+                          seeds=seeds or plan.seeds, model=plan.model, data=plan.data, eval=plan.eval,
+                          dtype=plan.dtype)
 
 
 #: Named sweep plans: ``PLANS[name](...)`` builds the :class:`~rmu_analysis.experiments.plans.ExperimentPlan`.

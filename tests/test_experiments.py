@@ -3,6 +3,7 @@ sweep runner (incomplete files recomputed, workers that end with the sweep), run
 summaries checked against hand-computed numbers, and the migration of a results directory to new keys."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -770,3 +771,52 @@ def test_plan_norms_are_measured_again_when_the_inputs_changed(tmp_path, monkeyp
         (tmp_path / "norms.json").write_text(json.dumps(cached))
         with pytest.raises(RuntimeError, match="measured"):
             E.plan_norms(plan, lambda: None, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- dtype in the key
+def test_dtype_is_part_of_the_key_and_float32_keeps_the_old_one():
+    plain = spec()
+    assert "dtype" not in plain.to_dict()  # runs made before the field keep their key
+    assert spec(dtype="float32").key() == plain.key() and spec(dtype="float32").dtype is None
+    bf16 = spec(dtype="bfloat16")
+    assert bf16.key() != plain.key() and bf16.to_dict()["dtype"] == "bfloat16"
+    assert E.RunSpec.from_dict(bf16.to_dict()) == bf16 and E.RunSpec.from_dict(plain.to_dict()) == plain
+    with pytest.raises(ValueError, match="dtype must be"):
+        spec(dtype="bf16")
+
+
+def test_a_workbench_in_another_dtype_refuses_the_run(bench):
+    assert bench.dtype == "float32"
+    with pytest.raises(ValueError, match="needs the model in bfloat16, but the workbench holds it in float32"):
+        E.run_one(spec("ga", steps=1, lr=1e-4, dtype="bfloat16"), bench)
+    from rmu_analysis.experiments.robustness import AttackBudget, AttackSpec, run_attack
+
+    attack = AttackSpec("probe", None, seed=0, layer=2, budget=AttackBudget(questions=4), eval=EVAL, model="tiny",
+                        data="tiny", dtype="bfloat16")
+    assert attack.key() != AttackSpec("probe", None, seed=0, layer=2, budget=AttackBudget(questions=4), eval=EVAL,
+                                      model="tiny", data="tiny").key()
+    with pytest.raises(ValueError, match="needs the model in bfloat16"):
+        run_attack(attack, bench)
+    with pytest.raises(ValueError, match="dtype"):  # the unlearning run and its attack agree on the dtype
+        AttackSpec("probe", spec(dtype="bfloat16"), seed=0, layer=2, eval=EVAL, model="tiny", data="tiny")
+
+
+def test_dtype_flag_names_the_runs_of_a_real_model(saved, tmp_path, capsys):
+    from rmu_analysis.experiments.cli import add_sweep_parser, plan_from_args, robustness_plan
+    from rmu_analysis.experiments.robustness import robustness_grid
+    from rmu_analysis.experiments.tradeoff import tradeoff_grid, tradeoff_plan
+
+    parser = argparse.ArgumentParser()
+    add_sweep_parser(parser.add_subparsers())
+    argv = sweep_argv(saved, tmp_path)
+    bf16, _ = plan_from_args(parser.parse_args(argv + ["--dtype", "bfloat16"]))
+    fp32, _ = plan_from_args(parser.parse_args(argv + ["--dtype", "float32"]))
+    auto, _ = plan_from_args(parser.parse_args(argv))  # no CUDA here: float32
+    assert (bf16.dtype, fp32.dtype, auto.dtype) == ("bfloat16", None, None)
+    grids = E.plan_grids(bf16, {2: 1.0})
+    assert {s.dtype for g in grids.values() for s in g} == {"bfloat16"}
+    assert {s.dtype for s in tradeoff_grid(tradeoff_plan(bf16), {2: 1.0})} == {"bfloat16"}
+    assert {s.dtype for s in robustness_grid(robustness_plan(bf16))} == {"bfloat16"}
+    assert E.plan_grids(fp32, {2: 1.0})["layer"][0].key() == E.plan_grids(auto, {2: 1.0})["layer"][0].key()
+    assert main(["sweep", "--results", str(tmp_path), "--dtype", "bfloat16", "--list"]) == 2
+    assert "--dtype: only for --model PATH" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from .robustness import (
     RobustnessPlan, format_claim, gcg_claim, load_attack_results, robustness_grid, robustness_table,
 )
 from .runner import is_finished, run_sweep, shard_specs
+from .specs import check_dtype_name
 from .tradeoff import tradeoff_analysis, tradeoff_grid, tradeoff_markdown, tradeoff_plan
 from .workbench import ExperimentData, LazyWorkbench, Workbench, data_from_files
 
@@ -69,7 +70,8 @@ def add_model_arguments(p) -> None:
                    help=f"Table 1 / coefficient-sweep layer (real model; default {ZEPHYR.layer})")
     p.add_argument("--steps", type=int, default=None, help=f"steps per run (real model; default {ZEPHYR.steps})")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (bf16 on CUDA)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (bf16 on CUDA, else float32); "
+                   "part of every run's key: runs in another dtype are not reused")
     p.add_argument("--workers", type=int, default=None,
                    help="processes running runs in parallel (default: 2 for the organism on CPU, 1 for --model)")
     p.add_argument("--threads", type=int, default=None,
@@ -92,7 +94,9 @@ def plan_from_args(args) -> tuple[ExperimentPlan, Callable[[], Workbench]]:
         given = [flag for flag, value in (("--forget-files", args.forget_files), ("--retain-file", args.retain_file),
                                           ("--mcq", args.mcq), ("--forget-format", args.forget_format),
                                           ("--coeff", args.coeff), ("--layer", args.layer),
-                                          ("--steps", args.steps)) if value is not None]
+                                          ("--steps", args.steps),
+                                          ("--dtype", None if args.dtype in ("auto", "float32") else args.dtype))
+                 if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: only for --model PATH; the organism runs its own data and the "
                              "fixed plan of rmu_analysis.recipes.organism_plan()")
@@ -111,17 +115,25 @@ def plan_from_args(args) -> tuple[ExperimentPlan, Callable[[], Workbench]]:
     if not model_cfg.is_file():
         raise FileNotFoundError(f"{args.model} is not a Hugging Face model directory: {model_cfg} does not exist")
     n_blocks = int(json.loads(model_cfg.read_text()).get("num_hidden_layers"))
+    dtype = resolve_dtype(args.dtype)
     plan = model_plan(n_blocks, model=str(args.model), data=data.name, c=args.coeff, layer=args.layer,
-                      steps=args.steps, seeds=tuple(args.seeds or (0, 1, 2)))
+                      steps=args.steps, seeds=tuple(args.seeds or (0, 1, 2)), dtype=dtype)
     # picklable (a module-level function and plain values): --workers processes each build their own
-    return plan, functools.partial(model_workbench, str(args.model), data, args.dtype)
+    return plan, functools.partial(model_workbench, str(args.model), data, dtype)
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``--dtype`` as the runs name it: "auto" is bfloat16 on CUDA, float32 on the CPU; others as given."""
+    resolved = dtype if dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+    check_dtype_name(resolved)
+    return resolved
 
 
 def model_workbench(model: str, data: ExperimentData, dtype: str = "auto") -> Workbench:
     """The workbench of a local model directory with ``data``: on CUDA when there is one (``dtype`` "auto": bf16
     there, fp32 on the CPU)."""
     cuda = torch.cuda.is_available()
-    m, tok = load_model(model, dtype=dtype if dtype != "auto" else ("bfloat16" if cuda else "float32"))
+    m, tok = load_model(model, dtype=resolve_dtype(dtype))
     if cuda:
         m = m.to("cuda")
     return Workbench(m, tok, data, model_id=model)

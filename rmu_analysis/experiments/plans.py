@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from .._io import atomic_write_json
 from .inputs import run_inputs
 from .measure import forget_norms
-from .specs import EvalSettings, RunSpec
+from .specs import EvalSettings, RunSpec, check_dtype_name
 from .workbench import Workbench
 
 __all__ = ["valid_layers", "layer_sweep_grid", "coefficient_grid", "table1_grid", "grid_points", "ExperimentPlan",
@@ -96,8 +96,10 @@ class ExperimentPlan:
     eval: EvalSettings = field(default_factory=EvalSettings)
     selection_seeds: tuple[int, ...] = ()
     sweep_per_fact: int | None = None
+    dtype: str | None = None  # the model's parameter dtype every run names (None: float32; part of the run keys)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", check_dtype_name(self.dtype))
         overlap = set(self.selection_seeds) & set(self.seeds)
         if overlap:
             raise ValueError(f"selection seeds must differ from the reporting seeds: {sorted(overlap)} are both")
@@ -108,7 +110,7 @@ class ExperimentPlan:
 
     def common(self) -> dict[str, Any]:
         return {"steps": self.steps, "batch_size": self.batch_size, "model": self.model, "data": self.data,
-                "eval": self.eval, "options": (("log_every", self.log_every),)}
+                "eval": self.eval, "options": (("log_every", self.log_every),), "dtype": self.dtype}
 
 
 def plan_grids(plan: ExperimentPlan, norms: Mapping[int, float] | None = None,

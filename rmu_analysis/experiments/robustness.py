@@ -44,7 +44,7 @@ from ..stats import accuracy_interval, score_interval
 from ..unlearning import NonFiniteLossError, UnlearnResult, unlearn
 from ..unlearning.config import METHOD_NAMES as CONFIG_METHODS
 from .inputs import run_inputs
-from .specs import COEFF_FIELDS, STEERING, EvalSettings, RunSpec
+from .specs import COEFF_FIELDS, STEERING, EvalSettings, RunSpec, check_dtype_name
 from .targets import TARGETS, Targets
 from .workbench import Workbench, training_texts
 
@@ -124,8 +124,10 @@ class AttackSpec:
     eval: EvalSettings = field(default_factory=EvalSettings)
     model: str = "organism"
     data: str = "organism"
+    dtype: str | None = None  # the model's parameter dtype (None: float32), as RunSpec.dtype
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", check_dtype_name(self.dtype))
         if self.attack not in ATTACKS:
             raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {self.attack!r}")
         if isinstance(self.unlearn, Mapping):
@@ -135,9 +137,10 @@ class AttackSpec:
         if isinstance(self.eval, Mapping):
             object.__setattr__(self, "eval", EvalSettings(**self.eval))
         u = self.unlearn
-        if u is not None and (u.seed, u.model, u.data) != (self.seed, self.model, self.data):
-            raise ValueError(f"the unlearning run ({u.label()}, model {u.model!r}, data {u.data!r}) must have the "
-                             f"attack's seed {self.seed}, model {self.model!r} and data {self.data!r}")
+        if u is not None and (u.seed, u.model, u.data, u.dtype) != (self.seed, self.model, self.data, self.dtype):
+            raise ValueError(f"the unlearning run ({u.label()}, model {u.model!r}, data {u.data!r}, dtype "
+                             f"{u.dtype!r}) must have the attack's seed {self.seed}, model {self.model!r}, data "
+                             f"{self.data!r} and dtype {self.dtype!r}")
         if u is None and self.attack == "ablate":
             raise ValueError("ablate needs an unlearned model (the direction is unlearned − base): the base model "
                              "has none")
@@ -156,9 +159,12 @@ class AttackSpec:
         return _METHOD_LABELS.get(self.method, self.method)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"attack": self.attack, "unlearn": None if self.unlearn is None else self.unlearn.to_dict(),
-                "seed": self.seed, "layer": self.layer, "budget": dataclasses.asdict(self.budget),
-                "eval": dataclasses.asdict(self.eval), "model": self.model, "data": self.data}
+        d = {"attack": self.attack, "unlearn": None if self.unlearn is None else self.unlearn.to_dict(),
+             "seed": self.seed, "layer": self.layer, "budget": dataclasses.asdict(self.budget),
+             "eval": dataclasses.asdict(self.eval), "model": self.model, "data": self.data}
+        if self.dtype is not None:  # float32 left out: the keys of attacks made before the field stay
+            d["dtype"] = self.dtype
+        return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "AttackSpec":
@@ -196,9 +202,11 @@ class RobustnessPlan:
     model: str = "organism"
     data: str = "organism"
     eval: EvalSettings = field(default_factory=EvalSettings)
+    dtype: str | None = None  # the model's parameter dtype (None: float32)
 
 
-def run_spec_from_config(config: Any, *, seed: int, model: str, data: str, eval: EvalSettings) -> RunSpec:
+def run_spec_from_config(config: Any, *, seed: int, model: str, data: str, eval: EvalSettings,
+                         dtype: str | None = None) -> RunSpec:
     """The :class:`RunSpec` that trains ``config`` (an engine config, e.g. a preset of :mod:`rmu_analysis.recipes`)
     with ``seed``: its layer, steps, lr, α and coefficient as spec fields, every other non-default field as an
     option."""
@@ -213,7 +221,8 @@ def run_spec_from_config(config: Any, *, seed: int, model: str, data: str, eval:
     direct = {"layer", "steps", "batch_size", "lr", "alpha", "seed", COEFF_FIELDS.get(method)}
     options = tuple((n, getattr(config, n)) for n in sorted(names - direct)
                     if getattr(config, n) != getattr(defaults, n))
-    return RunSpec(method=method, seed=seed, options=options, model=model, data=data, eval=eval, **fields)
+    return RunSpec(method=method, seed=seed, options=options, model=model, data=data, eval=eval, dtype=dtype,
+                   **fields)
 
 
 def robustness_grid(plan: RobustnessPlan) -> list[AttackSpec]:
@@ -222,12 +231,12 @@ def robustness_grid(plan: RobustnessPlan) -> list[AttackSpec]:
     for seed in plan.seeds:
         for _, config in plan.methods:
             unlearn = None if config is None else run_spec_from_config(config, seed=seed, model=plan.model,
-                                                                       data=plan.data, eval=plan.eval)
+                                                                       data=plan.data, eval=plan.eval, dtype=plan.dtype)
             for attack in plan.attacks:
                 if unlearn is None and attack == "ablate":
                     continue  # no direction to ablate on the base model
                 out.append(AttackSpec(attack=attack, unlearn=unlearn, seed=seed, layer=plan.layer, budget=plan.budget,
-                                      eval=plan.eval, model=plan.model, data=plan.data))
+                                      eval=plan.eval, model=plan.model, data=plan.data, dtype=plan.dtype))
     return out
 
 
@@ -389,9 +398,7 @@ def run_attack(spec: AttackSpec, bench: Workbench) -> dict[str, Any]:
     """Train ``spec.unlearn`` (or reuse the workbench's last training of it), attack the model, return the result
     dict (per-question correctness before and after the attack and of its control, the attack's table rows and
     curve, its cost)."""
-    if spec.model != bench.model_id or spec.data != bench.data.name:
-        raise ValueError(f"the run needs model {spec.model!r} with data {spec.data!r}, but the workbench holds "
-                         f"{bench.model_id!r} with {bench.data.name!r}")
+    bench.check_run(spec.model, spec.data, spec.dtype)
     t0 = time.perf_counter()
     row: dict[str, Any] = {"kind": RESULT_KIND, "key": spec.key(), "spec": spec.to_dict(), "version": ATTACK_VERSION,
                            "inputs": spec.inputs(), "label": spec.label(), "method": spec.method,

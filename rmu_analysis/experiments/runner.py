@@ -70,9 +70,7 @@ def run_one(spec: RunSpec | AttackSpec, bench: Workbench) -> dict[str, Any]:
     :class:`~.robustness.AttackSpec` is an attack on a trained model (:func:`~.robustness.run_attack`)."""
     if isinstance(spec, AttackSpec):
         return round_floats(run_attack(spec, bench))
-    if spec.model != bench.model_id or spec.data != bench.data.name:
-        raise ValueError(f"the run needs model {spec.model!r} with data {spec.data!r}, but the workbench holds "
-                         f"{bench.model_id!r} with {bench.data.name!r}")
+    bench.check_run(spec.model, spec.data, spec.dtype)
     t0 = time.perf_counter()
     config = spec.config()
     forget_train, retain_train = training_texts(bench, spec)

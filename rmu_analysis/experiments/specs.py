@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from ..unlearning.config import CONFIG_CLASSES
 from .inputs import run_inputs
 
-__all__ = ["RESULT_VERSION", "STEERING", "COEFF_FIELDS", "EvalSettings", "RunSpec"]
+__all__ = ["DTYPES", "check_dtype_name", "RESULT_VERSION", "STEERING", "COEFF_FIELDS", "EvalSettings", "RunSpec"]
 
 #: Bumped when what a run measures changes: part of every run's key, so old result files are not reused.
 RESULT_VERSION = 1
@@ -62,6 +62,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
+#: The parameter dtypes a run may name (None: float32).
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype_name(dtype: Any) -> str | None:
+    """``dtype`` as a spec stores it: None for float32 (the default, so a float32 run has one key whichever way it
+    was named), else one of :data:`DTYPES`; anything else is a ``ValueError``."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be None (float32) or one of {DTYPES}, got {dtype!r}")
+    return None if dtype == "float32" else dtype
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One unlearning run of a sweep.
@@ -70,7 +82,9 @@ class RunSpec:
     none). ``lr`` / ``alpha`` None: the method's default. ``options``: any other config field, as
     ``(("loss", "masked"), ...)``. ``model`` / ``data``: names of the model and data the run needs (checked
     against the workbench). The key (:meth:`key`) hashes all of it, the resolved engine config and the identity of
-    the model's files and of the data (:meth:`inputs`).
+    the model's files and of the data (:meth:`inputs`). ``dtype``: the model's parameter dtype the run needs
+    (``"bfloat16"`` ...; None = float32), part of the key: a bf16 run and a float32 run of the same spec never share
+    a result file, and a workbench holding the model in another dtype refuses the run.
     """
 
     method: str
@@ -85,8 +99,10 @@ class RunSpec:
     model: str = "organism"
     data: str = "organism"
     eval: EvalSettings = field(default_factory=EvalSettings)
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", check_dtype_name(self.dtype))
         if self.method not in CONFIG_CLASSES:
             raise ValueError(f"method must be one of {sorted(CONFIG_CLASSES)}, got {self.method!r}")
         for name in ("coeff", "alpha", "lr"):
@@ -126,6 +142,8 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["options"] = [[k, v] for k, v in self.options]
+        if d["dtype"] is None:  # float32, the default: left out, so the keys of runs made before the field stay
+            del d["dtype"]
         return d
 
     @classmethod

@@ -51,6 +51,7 @@ class TradeoffPlan:
     model: str = "organism"
     data: str = "organism"
     eval: EvalSettings = field(default_factory=EvalSettings)
+    dtype: str | None = None  # the model's parameter dtype (None: float32), as ExperimentPlan.dtype
 
     def __post_init__(self) -> None:
         if not self.layers or not self.seeds:
@@ -88,7 +89,7 @@ def tradeoff_plan(plan: ExperimentPlan, *, layers: tuple[int, ...] | None = None
     return TradeoffPlan(layers=layers, steps=plan.steps, lr=plan.lr, alpha=plan.alpha,
                         coeff_ratios=tuple(ratios), betas=tuple(betas), seeds=tuple(seeds or plan.seeds),
                         batch_size=plan.batch_size, log_every=plan.log_every, model=plan.model, data=plan.data,
-                        eval=dataclasses.replace(plan.eval, per_fact=plan.sweep_per_fact))
+                        eval=dataclasses.replace(plan.eval, per_fact=plan.sweep_per_fact), dtype=plan.dtype)
 
 
 def tradeoff_grid(plan: TradeoffPlan, norms: Mapping[int, float]) -> list[RunSpec]:
@@ -100,7 +101,7 @@ def tradeoff_grid(plan: TradeoffPlan, norms: Mapping[int, float]) -> list[RunSpe
         raise ValueError(f"norms has no frozen forget norm for layer(s) {missing}: measure them with forget_norms")
     common: dict[str, Any] = {"steps": plan.steps, "batch_size": plan.batch_size, "model": plan.model,
                               "data": plan.data, "eval": plan.eval, "options": (("log_every", plan.log_every),),
-                              "lr": plan.lr, "alpha": plan.alpha}
+                              "lr": plan.lr, "alpha": plan.alpha, "dtype": plan.dtype}
     cs = {l: [float(f"{r * norms[l]:.4g}") for r in plan.coeff_ratios] for l in plan.layers}
     return (coefficient_grid(cs, method="rmu", seeds=plan.seeds, **common)
             + coefficient_grid({l: plan.betas for l in plan.layers}, method="adaptive-rmu", seeds=plan.seeds,
@@ -123,7 +124,7 @@ def confidence_control_grid(plan: ExperimentPlan, tplan: TradeoffPlan, *, lrs: M
     extra = {"ga": {"steps": 100}, "npo": {"steps": 100, "coeff": 0.1, "alpha": 1.0}}
     grid = {m: [{"lr": lr, **extra[m]} for lr in v] for m, v in lrs.items()}
     common = {"batch_size": tplan.batch_size, "model": tplan.model, "data": tplan.data, "eval": tplan.eval,
-              "options": (("log_every", tplan.log_every),)}
+              "options": (("log_every", tplan.log_every),), "dtype": tplan.dtype}
     return table1_grid(plan.table_layer, grid, seeds=tplan.seeds, **common)
 
 

@@ -190,6 +190,22 @@ class Workbench:
             m = m.to(device)
         return cls(m, tok, data, model_id=model, **kwargs)
 
+    @property
+    def dtype(self) -> str:
+        """The model's parameter dtype as a name (``"float32"``, ``"bfloat16"`` ...)."""
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    def check_run(self, model: str, data: str, dtype: str | None) -> None:
+        """Refuse a run (a :class:`RunSpec` or an attack) made for another model, data or dtype (None = float32):
+        its result would be filed under a key that says otherwise."""
+        if model != self.model_id or data != self.data.name:
+            raise ValueError(f"the run needs model {model!r} with data {data!r}, but the workbench holds "
+                             f"{self.model_id!r} with {self.data.name!r}")
+        if (dtype or "float32") != self.dtype:
+            raise ValueError(f"the run needs the model in {dtype or 'float32'}, but the workbench holds it in "
+                             f"{self.dtype}: load it with dtype={dtype or 'float32'!r}, or make the runs with "
+                             f"dtype={self.dtype!r} (the plan's dtype, --dtype on the command line)")
+
     def split(self, settings: EvalSettings, seed: int) -> tuple:
         key = (settings.eval_texts, seed)
         if key not in self._splits:
