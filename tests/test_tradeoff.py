@@ -213,3 +213,10 @@ def test_confidence_control_grid_sits_at_the_table_layer():
     assert len(specs) == 7 * 5 and len({s.key() for s in specs}) == 35
     with pytest.raises(ValueError, match="no curve at Table 1's layer"):
         T.confidence_control_grid(plan, T.tradeoff_plan(plan, layers=(7, 11)))
+
+
+def test_one_layer_has_no_depth_claim():
+    one = T.tradeoff_analysis(_frame({}, layers=(3,)), n_boot=100)
+    assert one["depth"] == [] and one["depth_costs"] == {} and one["layers"] == [3]
+    text = T.tradeoff_markdown(one, T.TradeoffPlan(layers=(3,), steps=1, lr=1.0, alpha=1.0))
+    assert "Depth itself" not in text and "one layer only" in text

@@ -183,7 +183,7 @@ def tradeoff_analysis(frame: pd.DataFrame, *, fraction: float | None = None, tar
             except KeyError:
                 continue
             versus.append({"forget": name, "layer": l, **_cmp(cmp)})
-        for method in ("rmu", "adaptive-rmu"):
+        for method in ("rmu", "adaptive-rmu") if len(layers) > 1 else ():  # depth needs two layers
             try:
                 cmp = compare_matched(m, method, method, layers[-1], layer_b=layers[0])
             except KeyError:
@@ -316,9 +316,9 @@ def tradeoff_markdown(analysis: Mapping[str, Any], plan: TradeoffPlan, sensitivi
              "- *Adaptive RMU forgets more than fixed-c RMU* (Fig. 5, Section 5) at a layer: the 95% interval of "
              "Adaptive − RMU forget accuracy (every forget question) at the matched general accuracy lies entirely "
              "below 0.",
-             f"- *Depth itself costs forgetting* (Fig. 5's fixed-c failure is more than a too-small c / ‖h_l‖): for a "
-             f"method, block {a['layers'][-1]} − block {a['layers'][0]} at the matched general accuracy lies entirely "
-             "above 0.", "",
+             *([f"- *Depth itself costs forgetting* (Fig. 5's fixed-c failure is more than a too-small c / ‖h_l‖): "
+                f"for a method, block {a['layers'][-1]} − block {a['layers'][0]} at the matched general accuracy lies "
+                "entirely above 0."] if len(a["layers"]) > 1 else []), "",
              f"## Forget accuracy (%) at general accuracy {_pct(a['target'])}%", "",
              "| block | forget set | RMU | Adaptive RMU | Adaptive − RMU (points) | p | verdict |", "|---|---|---|---|---|---|---|"]
     matched = pd.DataFrame(a["matched"])
@@ -338,8 +338,11 @@ def tradeoff_markdown(analysis: Mapping[str, Any], plan: TradeoffPlan, sensitivi
             verdict = ("**held**" if a["adaptive_beats_rmu"].get(l) else "**not held**") if name == "forget_acc" else ""
             label = "all forget" if name == "forget_acc" else name.replace("acc_", "")
             lines.append(f"| {l} | {label} | {cell('rmu')} | {cell('adaptive-rmu')} | {diff} | {p} | {verdict} |")
-    lines += ["", f"## Block {a['layers'][-1]} − block {a['layers'][0]} at the matched general accuracy (points)", "",
-              "| method | forget set | difference | p | verdict |", "|---|---|---|---|---|"]
+    if a["depth"]:
+        lines += ["", f"## Block {a['layers'][-1]} − block {a['layers'][0]} at the matched general accuracy (points)",
+                  "", "| method | forget set | difference | p | verdict |", "|---|---|---|---|---|"]
+    else:
+        lines += ["", "Depth: one layer only, nothing to compare."]
     for r in a["depth"]:
         verdict = ("**held**" if a["depth_costs"].get(r["method"]) else "**not held**") if r["forget"] == "forget_acc" else ""
         label = "all forget" if r["forget"] == "forget_acc" else r["forget"].replace("acc_", "")
