@@ -213,6 +213,12 @@ def test_confidence_control_grid_sits_at_the_table_layer():
     assert len(specs) == 7 * 5 and len({s.key() for s in specs}) == 35
     with pytest.raises(ValueError, match="no curve at Table 1's layer"):
         T.confidence_control_grid(plan, T.tradeoff_plan(plan, layers=(7, 11)))
+    from rmu_analysis.recipes import model_plan
+
+    real = model_plan(32, model="zephyr", data="wmdp")  # a 7B model: the Table 1 grid's learning rates, its steps
+    specs = T.confidence_control_grid(real, T.tradeoff_plan(real))
+    assert sorted({(s.method, s.lr, s.steps) for s in specs}) == [
+        ("ga", 1e-5, 500), ("ga", 5e-5, 500), ("npo", 1e-5, 500), ("npo", 5e-5, 500)]
 
 
 def test_one_layer_has_no_depth_claim():

@@ -113,18 +113,28 @@ def tradeoff_grid(plan: TradeoffPlan, norms: Mapping[int, float]) -> list[RunSpe
 CONTROL_LRS: dict[str, tuple[float, ...]] = {"ga": (1e-3, 2e-3, 4e-3, 8e-3), "npo": (3e-3, 1e-2, 2e-2)}
 
 
-def confidence_control_grid(plan: ExperimentPlan, tplan: TradeoffPlan, *, lrs: Mapping[str, tuple[float, ...]] = CONTROL_LRS
-                            ) -> list[RunSpec]:
-    """C1's control at matched forget accuracy: GA and NPO over ``lrs`` at Table 1's layer, × the trade-off seeds,
-    scored as the trade-off runs (so each run's MaxLogit on the same forget prompts lies on a curve over forget
-    accuracy beside RMU's over c and Adaptive RMU's over β at that layer). Other fields as Table 1's grid
-    (100 steps; NPO β = 0.1, α = 1)."""
+def confidence_control_grid(plan: ExperimentPlan, tplan: TradeoffPlan, *,
+                            lrs: Mapping[str, tuple[float, ...]] | None = None) -> list[RunSpec]:
+    """C1's control at matched forget accuracy: GA and NPO over learning rates at Table 1's layer, × the trade-off
+    seeds, scored as the trade-off runs (so each run's MaxLogit on the same forget prompts lies on a curve over
+    forget accuracy beside RMU's over c and Adaptive RMU's over β at that layer). Every other field is that of the
+    method's first point in Table 1's grid (the organism: 100 steps; NPO β = 0.1, α = 1). ``lrs`` (method ->
+    learning rates): default :data:`CONTROL_LRS` on the organism, the Table 1 grid's own learning rates on any
+    other model (the organism's would be far too large for a 7B model)."""
     if plan.table_layer not in tplan.layers:
         raise ValueError(f"the trade-off plan has no curve at Table 1's layer {plan.table_layer}: {tplan.layers}")
-    extra = {"ga": {"steps": 100}, "npo": {"steps": 100, "coeff": 0.1, "alpha": 1.0}}
-    grid = {m: [{"lr": lr, **extra[m]} for lr in v] for m, v in lrs.items()}
-    common = {"batch_size": tplan.batch_size, "model": tplan.model, "data": tplan.data, "eval": tplan.eval,
-              "options": (("log_every", tplan.log_every),), "dtype": tplan.dtype}
+    table = plan.grid()
+    missing = [m for m in ("ga", "npo") if m not in table]
+    if missing:
+        raise ValueError(f"Table 1's grid has no {missing}: the control needs GA and NPO")
+    grid = {}
+    for m in ("ga", "npo"):
+        fields = {k: v for k, v in table[m][0].items() if k != "lr"}
+        values = (lrs or {}).get(m) or (CONTROL_LRS[m] if plan.model == "organism"
+                                        else tuple(sorted({p["lr"] for p in table[m]})))
+        grid[m] = [{"lr": lr, **fields} for lr in values]
+    common = {"steps": plan.steps, "batch_size": tplan.batch_size, "model": tplan.model, "data": tplan.data,
+              "eval": tplan.eval, "options": (("log_every", tplan.log_every),), "dtype": tplan.dtype}
     return table1_grid(plan.table_layer, grid, seeds=tplan.seeds, **common)
 
 
