@@ -176,6 +176,25 @@ def robustness_plan(plan: ExperimentPlan, seeds: Sequence[int] | None = None) ->
     return model_robustness_plan(plan, seeds=tuple(seeds) if seeds else None)
 
 
+def _list_or_run(args, specs: list, bench: LazyWorkbench, factory: Callable[[], Workbench], desc: str) -> bool:
+    """``--list``: print this shard's runs and whether each is done, and return True (nothing else to do); else
+    run the shard's unfinished runs unless ``--merge`` (one process: ``bench``; ``--workers N``: ``factory`` in
+    each) and return False."""
+    if args.list:
+        for s in shard_specs(specs, args.shard):
+            done = is_finished(args.results / f"{s.key()}.json", s.key())
+            print(f"{s.key()}  {'done' if done else 'todo'}  {s.label()}")
+        return True
+    if not args.merge:
+        workers, threads = resources(args)
+        torch.set_num_threads(threads)
+        outcome = run_sweep(specs, args.results, bench if workers == 1 else factory, shard=args.shard,
+                            progress=not args.no_progress, workers=workers, threads=threads, desc=desc)
+        print(f"shard {args.shard or '0/1'}: ran {outcome.ran}, skipped {outcome.skipped} finished run(s); "
+              f"results in {args.results}")
+    return False
+
+
 def tradeoff_command(args, plan: ExperimentPlan, factory: Callable[[], Workbench]) -> int:
     """``sweep --experiment tradeoff``: (a shard of) the trade-off runs, one JSON per run; then, over what is in
     ``--results``, the matched-utility verdicts (tradeoff.md beside the results directory is written by
@@ -184,18 +203,8 @@ def tradeoff_command(args, plan: ExperimentPlan, factory: Callable[[], Workbench
     bench = LazyWorkbench(factory)
     norms = plan_norms(dataclasses.replace(plan, coeff_layers=tplan.layers), bench, args.results)
     specs = tradeoff_grid(tplan, norms)
-    if args.list:
-        for s in shard_specs(specs, args.shard):
-            done = is_finished(args.results / f"{s.key()}.json", s.key())
-            print(f"{s.key()}  {'done' if done else 'todo'}  {s.label()}")
+    if _list_or_run(args, specs, bench, factory, "trade-off"):
         return 0
-    if not args.merge:
-        workers, threads = resources(args)
-        torch.set_num_threads(threads)
-        outcome = run_sweep(specs, args.results, bench if workers == 1 else factory, shard=args.shard,
-                            progress=not args.no_progress, workers=workers, threads=threads, desc="trade-off")
-        print(f"shard {args.shard or '0/1'}: ran {outcome.ran}, skipped {outcome.skipped} finished run(s); "
-              f"results in {args.results}")
     frame = load_results(args.results, specs)
     print(f"{len(frame)} of {len(specs)} trade-off runs have results in {args.results}")
     if len(frame) == len(specs):
@@ -207,19 +216,8 @@ def robustness_command(args, plan: ExperimentPlan, factory: Callable[[], Workben
     """``sweep --experiment robustness``: (a shard of) the attack runs, one JSON per run, then the table."""
     rplan = robustness_plan(plan, args.seeds)
     specs = robustness_grid(rplan)
-    if args.list:
-        for s in shard_specs(specs, args.shard):
-            done = is_finished(args.results / f"{s.key()}.json", s.key())
-            print(f"{s.key()}  {'done' if done else 'todo'}  {s.label()}")
+    if _list_or_run(args, specs, LazyWorkbench(factory), factory, "robustness"):
         return 0
-    if not args.merge:
-        workers, threads = resources(args)
-        torch.set_num_threads(threads)
-        outcome = run_sweep(specs, args.results, LazyWorkbench(factory) if workers == 1 else factory,
-                            shard=args.shard, progress=not args.no_progress, workers=workers, threads=threads,
-                            desc="robustness")
-        print(f"shard {args.shard or '0/1'}: ran {outcome.ran}, skipped {outcome.skipped} finished run(s); "
-              f"results in {args.results}")
     rows = load_attack_results(args.results, specs)
     print(f"{len(rows)} of {len(specs)} attack runs have results in {args.results}")
     if rows:
