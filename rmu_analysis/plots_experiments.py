@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
+from .claims import forget_loss_measures
 from .experiments.results import finished_runs, result_topics
 from .experiments.targets import TARGETS, Targets
 
@@ -163,9 +164,10 @@ def plot_norm_trajectories(frame: pd.DataFrame, layers: Sequence[int], *, method
         if sub.empty:
             raise ValueError(f"no {method} runs at layer {layer} in the frame")
         logs = []
-        for _, run in sub.iterrows():
+        for _, run in sub.iterrows():  # ‖h − c·u‖² / ‖c·u‖² as claims.forget_loss_measures defines it
             log = pd.DataFrame(run["log"])
-            log["over_target"] = log["forget_loss"] * float(run["hidden_size"]) / log["coefficient"] ** 2
+            measures = forget_loss_measures(log, int(run["hidden_size"]))[["step", "topic", "loss_over_target"]]
+            log = log.merge(measures.rename(columns={"loss_over_target": "over_target"}), on=["step", "topic"])
             logs.append(log.assign(seed=run["seed"]))
         logs = pd.concat(logs, ignore_index=True)
         top, bottom = grid[0][j], grid[1][j]

@@ -13,6 +13,8 @@ from rmu_analysis import evaluate_mcq
 from rmu_analysis.cli import main
 from rmu_analysis.data import write_mcq
 from rmu_analysis.experiments import robustness as R
+from rmu_analysis.experiments.robustness import run as run_module
+from rmu_analysis.experiments.robustness.run import _texts_without
 from rmu_analysis.experiments.robustness_report import ROBUSTNESS_FIGURES, robustness_report
 from rmu_analysis.experiments import EvalSettings, ExperimentData, RunSpec, Workbench, is_finished, load_results, run_sweep
 from rmu_analysis.organism.tokenizer import train_tokenizer
@@ -91,7 +93,7 @@ def test_attack_questions_split_by_entity_or_use_dev_sets(bench):
     assert all(r["question"].endswith("(dev)") for r in dev2)
     assert not any(r["question"].endswith("(dev)") for r in test2)
     texts = ["Kraekmum virus lives in bats.", "A city by the sea."]
-    assert R._texts_without(texts, [{"entity": "Kraekmum virus"}]) == ["A city by the sea."]
+    assert _texts_without(texts, [{"entity": "Kraekmum virus"}]) == ["A city by the sea."]
 
 
 def test_attack_runs_through_the_sweep_runner(bench, tmp_path, monkeypatch):
@@ -99,8 +101,8 @@ def test_attack_runs_through_the_sweep_runner(bench, tmp_path, monkeypatch):
     specs = R.robustness_grid(plan)
     assert {s.attack for s in specs if s.method == "rmu"} == set(R.ATTACKS)
     trainings = []
-    real = R.unlearn
-    monkeypatch.setattr(R, "unlearn", lambda *a, **k: trainings.append(1) or real(*a, **k))
+    real = run_module.unlearn  # the training the attack runs call (robustness.run)
+    monkeypatch.setattr(run_module, "unlearn", lambda *a, **k: trainings.append(1) or real(*a, **k))
     outcome = run_sweep(specs, tmp_path, bench, progress=False)
     assert outcome.ran == len(specs) and len(trainings) == 1  # RMU trained once for its six attacks
     for s in specs:

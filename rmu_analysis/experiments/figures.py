@@ -17,11 +17,12 @@ from .targets import TARGETS, Targets
 __all__ = ["save_png", "sweep_figures"]
 
 
-def save_png(fig, path: Path) -> str:
-    """Write ``fig`` as a PNG atomically (a temporary file renamed into place), close it; return the file name."""
+def save_png(fig, path: Path, dpi: int = 110) -> str:
+    """Write ``fig`` as a PNG atomically (a temporary file renamed into place: a reader never sees half a PNG),
+    close it; return the file name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(path)
     return path.name

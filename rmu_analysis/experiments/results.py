@@ -4,6 +4,7 @@ unusable (a sweep recomputes such a run); :func:`rekey` renames a directory's fi
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ from .inputs import run_inputs
 from .robustness import attack_result_problem, is_attack_result
 from .specs import RunSpec
 
-__all__ = ["flatten_result", "load_results", "result_topics", "finished_runs", "result_problem", "rekey", "Rekeyed"]
+__all__ = ["flatten_result", "load_results", "result_topics", "finished_runs", "result_problem", "rekey", "Rekeyed",
+           "json_records"]
 
 _SPEC_FIELDS = ("method", "layer", "coeff", "alpha", "lr", "steps", "seed", "batch_size", "model", "data")
 
@@ -144,6 +146,13 @@ def load_results(out_dir: str | Path, specs: Iterable[RunSpec] | None = None, *,
 def result_topics(frame: pd.DataFrame) -> list[str]:
     """The forget topics of a results frame (from its ``norm_frozen_<topic>`` columns)."""
     return [c[len("norm_frozen_"):] for c in frame.columns if c.startswith("norm_frozen_")]
+
+
+def json_records(frame: pd.DataFrame, digits: int = 6) -> list[dict[str, Any]]:
+    """A table as JSON-ready records (summary files): floats rounded to ``digits`` decimals, NaN and infinities as
+    None."""
+    return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+            for r in frame.round(digits).to_dict(orient="records")]
 
 
 def finished_runs(frame: pd.DataFrame) -> pd.DataFrame:

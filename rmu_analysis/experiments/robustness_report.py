@@ -9,15 +9,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import matplotlib.pyplot as plt
-import numpy as np
-
 from .._io import atomic_write_json, atomic_write_text
 from ..plots_robustness import plot_gcg_curves, plot_relearn_curves
+from .figures import save_png
 from .robustness import (
     RobustnessPlan, curve_frame, gcg_claim, load_attack_results, robustness_grid, robustness_markdown,
     robustness_table,
 )
+from .results import json_records
 from .runner import run_sweep
 from .targets import TARGETS, Targets
 from .workbench import Workbench
@@ -26,13 +25,6 @@ __all__ = ["robustness_report", "ROBUSTNESS_FIGURES"]
 
 #: The files :func:`robustness_report` writes into the output directory.
 ROBUSTNESS_FIGURES = ("robustness.md", "robustness.json", "robustness_gcg.png", "robustness_relearn.png")
-
-
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)  # atomic: a reader never sees half a PNG
 
 
 def robustness_report(out: str | Path, results: str | Path, plan: RobustnessPlan,
@@ -59,16 +51,13 @@ def robustness_report(out: str | Path, results: str | Path, plan: RobustnessPlan
              f"under the load it ran with). This call: {outcome.ran} run(s) computed, {outcome.skipped} reused, "
              f"{(time.perf_counter() - t0) / 60:.1f} min.\n")
     out.mkdir(parents=True, exist_ok=True)
-    _save(plot_gcg_curves(curve_frame(rows, "gcg"), title="GCG on the forget questions"), out / "robustness_gcg.png")
-    _save(plot_relearn_curves(curve_frame(rows, "relearn")), out / "robustness_relearn.png")
+    save_png(plot_gcg_curves(curve_frame(rows, "gcg"), title="GCG on the forget questions"), out / "robustness_gcg.png",
+             dpi=90)
+    save_png(plot_relearn_curves(curve_frame(rows, "relearn")), out / "robustness_relearn.png", dpi=90)
     atomic_write_text(out / "robustness.md", text)
-    summary = {"claim": claim, "table": _records(table), "runs": len(specs), "runs_with_results": len(rows),
+    summary = {"claim": claim, "table": json_records(table), "runs": len(specs), "runs_with_results": len(rows),
                "ran": outcome.ran, "reused": outcome.skipped, "compute_seconds": compute,
                "seconds": time.perf_counter() - t0, "figures": list(ROBUSTNESS_FIGURES)}
     atomic_write_json(out / "robustness.json", summary)
     return summary
 
-
-def _records(table) -> list[dict]:
-    return [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
-            for r in table.round(6).to_dict(orient="records")]

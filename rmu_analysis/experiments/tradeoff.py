@@ -1,6 +1,6 @@
 """The runs that the matched-utility comparison needs (:func:`rmu_analysis.claims.matched_forget`): at each layer, a
 trade-off curve per method — RMU over several c (c = ratio × the frozen forget norm ‖h_l‖, so one ratio grid
-serves every layer and model), Adaptive RMU over several β (the paper's {2, 3, 5, 10}, Section 5) — × seeds. The
+serves every layer and model), Adaptive RMU over several β (the paper's {2, 3, 5, 10}, Section 5, and 4, 7) — × seeds. The
 grid is a list of :class:`~.specs.RunSpec` for :func:`~.runner.run_sweep`. :func:`tradeoff_analysis` judges the
 layer-wise claims at matched general accuracy from the finished runs; :func:`tradeoff_report` runs and writes it."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..stats import N_BOOT
 from .measure import bits_array
 from .plans import ExperimentPlan, coefficient_grid, table1_grid
 from .figures import save_png
-from .results import finished_runs, load_results, result_topics
+from .results import finished_runs, json_records, load_results, result_topics
 from .runner import run_sweep
 from .specs import EvalSettings, RunSpec
 from .targets import TARGETS, Targets
@@ -30,6 +30,16 @@ __all__ = ["TradeoffPlan", "tradeoff_grid", "tradeoff_plan", "tradeoff_points", 
            "matched_confidence", "confidence_markdown", "CONTROL_LRS",
            "TRADEOFF_RATIOS", "TRADEOFF_BETAS", "TRADEOFF_SEEDS",
            "tradeoff_markdown", "tradeoff_report", "TRADEOFF_FILES"]
+
+
+#: The curves' grid: c / ‖h_l‖ ratios for RMU (the coefficient sweep's ½ … 8 plus 3 and 6) and β for Adaptive RMU
+#: (the paper's 2, 3, 5, 10 plus 4 and 7), × 5 seeds. The first run (the coefficient sweep's 5 ratios, the paper's 4
+#: β, seeds 0–2) gave matched-utility intervals 18–33 points wide; the grid and the seeds were then made denser
+#: (docs/claims.md), the same for every layer and method (18–28 points: the curves are steep at 95% of base
+#: general accuracy, where a 2-point move in general accuracy is a 20-point move in forget accuracy).
+TRADEOFF_RATIOS: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+TRADEOFF_BETAS: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 7.0, 10.0)
+TRADEOFF_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -43,9 +53,9 @@ class TradeoffPlan:
     steps: int
     lr: float
     alpha: float
-    coeff_ratios: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
-    betas: tuple[float, ...] = (2.0, 3.0, 5.0, 10.0)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    coeff_ratios: tuple[float, ...] = TRADEOFF_RATIOS
+    betas: tuple[float, ...] = TRADEOFF_BETAS
+    seeds: tuple[int, ...] = TRADEOFF_SEEDS
     batch_size: int = 4
     log_every: int = 5
     model: str = "organism"
@@ -64,16 +74,6 @@ class TradeoffPlan:
     @property
     def n_runs(self) -> int:
         return len(self.layers) * (len(self.coeff_ratios) + len(self.betas)) * len(self.seeds)
-
-
-#: The curves' grid: c / ‖h_l‖ ratios for RMU (the coefficient sweep's ½ … 8 plus 3 and 6) and β for Adaptive RMU
-#: (the paper's 2, 3, 5, 10 plus 4 and 7), × 5 seeds. The first run (the coefficient sweep's 5 ratios, the paper's 4
-#: β, seeds 0–2) gave matched-utility intervals 18–33 points wide; the grid and the seeds were then made denser
-#: (docs/claims.md), the same for every layer and method (18–28 points: the curves are steep at 95% of base
-#: general accuracy, where a 2-point move in general accuracy is a 20-point move in forget accuracy).
-TRADEOFF_RATIOS: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
-TRADEOFF_BETAS: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 7.0, 10.0)
-TRADEOFF_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
 
 
 def tradeoff_plan(plan: ExperimentPlan, *, layers: tuple[int, ...] | None = None,
@@ -207,7 +207,7 @@ def tradeoff_analysis(frame: pd.DataFrame, *, fraction: float | None = None, tar
     depth_held = {r["method"]: bool(np.isfinite(r["low"]) and r["low"] > 0) for _, r in dmain.iterrows()}
     return {"fraction": fraction, "base_general": base, "target": fraction * base, "layers": layers,
             "seeds": sorted(int(s) for s in points["seed"].unique()), "n_runs": len(points),
-            "matched": _round(pd.DataFrame(rows)), "adaptive_vs_rmu": _round(versus_f), "depth": _round(depth_f),
+            "matched": json_records(pd.DataFrame(rows)), "adaptive_vs_rmu": json_records(versus_f), "depth": json_records(depth_f),
             "adaptive_beats_rmu": adaptive_held, "depth_costs": depth_held}
 
 
@@ -251,8 +251,8 @@ def matched_confidence(frame: pd.DataFrame, layer: int, *, levels: tuple[float, 
                 if np.isfinite(c.diff) and c.n_boot:
                     pairs.append({"level": float(level), "misdirection": a, "output": b, **_cmp(c),
                                   "lower": bool(np.isfinite(c.high) and c.high < 0)})
-    return {"layer": int(layer), "levels": [float(x) for x in levels], "table": _round(pd.DataFrame(rows)),
-            "pairs": _round(pd.DataFrame(pairs)) if pairs else [], "n_pairs": len(pairs),
+    return {"layer": int(layer), "levels": [float(x) for x in levels], "table": json_records(pd.DataFrame(rows)),
+            "pairs": json_records(pd.DataFrame(pairs)) if pairs else [], "n_pairs": len(pairs),
             "held": bool(pairs) and all(p["lower"] for p in pairs),
             "range": {m: [float(g["general_acc"].min()), float(g["general_acc"].max())]
                       for m, g in points.groupby("method")}}
@@ -261,10 +261,6 @@ def matched_confidence(frame: pd.DataFrame, layer: int, *, levels: tuple[float, 
 def _cmp(c: Any) -> dict[str, Any]:
     return {"diff": c.diff, "low": c.low, "high": c.high, "p_value": c.p_value, "n_boot": c.n_boot}
 
-
-def _round(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
-            for r in frame.round(6).to_dict(orient="records")]
 
 
 # ------------------------------------------------------------------------------------------------ report
